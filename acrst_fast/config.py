@@ -1,0 +1,337 @@
+"""YAML -> frozen, typed, validated config dataclasses.
+
+Load with `load_config(path, overrides)`. A config file may name base files with `_base_`
+(a path or list of paths, relative to the file); keys of the file override its bases.
+Overrides are dotted `key=value` strings whose value is parsed as YAML
+(`solver.lr=0.02`, `data.scales=[128,160]`). Every error is a `ConfigError` naming the file
+and the dotted key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file, key or value is wrong; the message names the file and the dotted key."""
+
+
+@dataclass(frozen=True)
+class DemoDataConfig:
+    """Parameters of the embedded demo dataset generator (acrst_fast.data.demo)."""
+
+    num_labeled: int = 64
+    num_unlabeled: int = 256
+    num_val: int = 64
+    image_size: int = 160
+    num_classes: int = 6
+    # class k's share of objects is proportional to (k + 1) ** -imbalance (long tail, paper Fig. 1)
+    imbalance: float = 1.5
+    max_objects: int = 5
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the data is. Paths are relative to the working directory.
+
+    Labeled: `train_json` + `train_images`, or, with `split_percent` > 0, a COCO-standard split of
+    them (written to `split_dir`, labeled part trains, the rest is the unlabeled stream).
+    Unlabeled: `unlabeled_json` (COCO json whose annotations, if any, are never trained on) and/or
+    `unlabeled_images` (a folder of images; COCO-additional's unlabeled2017).
+    """
+
+    train_json: str = ""
+    train_images: str = ""
+    val_json: str = ""
+    val_images: str = ""
+    unlabeled_json: str = ""
+    unlabeled_images: str = ""
+    split_percent: float = 0.0
+    split_fold: int = 1
+    split_dir: str = ""
+    demo: DemoDataConfig | None = None
+    num_workers: int = 2
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Weak (geometric) and strong (photometric) augmentation; the strong view shares the weak geometry."""
+
+    scales: list[int] = field(default_factory=lambda: [640, 672, 704, 736, 768, 800])  # short side, train
+    max_size: int = 1333
+    test_scale: int = 800
+    flip_prob: float = 0.5
+    crop_prob: float = 0.0
+    crop_min_frac: float = 0.6  # random crop keeps at least this fraction of each side
+    jitter_prob: float = 0.8
+    jitter: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.4, 0.1])  # brightness, contrast, saturation, hue
+    grayscale_prob: float = 0.2
+    blur_prob: float = 0.5
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
+    # CutOut as in Unbiased Teacher: three erasing passes, each (probability, min area frac, max area frac)
+    cutout: list[list[float]] = field(
+        default_factory=lambda: [[0.7, 0.05, 0.2], [0.5, 0.02, 0.2], [0.3, 0.02, 0.2]]
+    )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Faster R-CNN with FPN (torchvision)."""
+
+    backbone: str = "resnet50"  # resnet50 | resnet18 | mobilenet_v2
+    backbone_weights: str = ""  # local ImageNet classifier state dict; empty = random init
+    weights: str = ""  # local detector checkpoint (state dict or acrst_fast checkpoint); empty = none
+    trainable_backbone_layers: int = 3
+    fpn_channels: int = 256
+    representation_size: int = 1024
+    anchor_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])
+    rpn_pre_nms_top_n_train: int = 2000
+    rpn_post_nms_top_n_train: int = 2000
+    rpn_pre_nms_top_n_test: int = 1000
+    rpn_post_nms_top_n_test: int = 1000
+    rpn_batch_size_per_image: int = 256
+    box_batch_size_per_image: int = 512
+    roi_sampling_ratio: int = 2  # RoIAlign samples per bin side; 1 is ~4x cheaper (its CPU backward is slow)
+    box_score_thresh: float = 0.05
+    box_detections_per_img: int = 100
+
+
+@dataclass(frozen=True)
+class SolverConfig:
+    """SGD, warmup then step decay. Batch sizes are totals over all ranks (paper: 32 + 32)."""
+
+    total_steps: int = 180000
+    pretrain_steps: int = 5000
+    batch_labeled: int = 32
+    batch_unlabeled: int = 32
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_steps: int = 1000
+    warmup_factor: float = 0.001
+    lr_steps: list[int] = field(default_factory=list)
+    lr_gamma: float = 0.1
+    grad_clip_norm: float = 0.0  # 0 = off
+
+
+@dataclass(frozen=True)
+class MeanTeacherConfig:
+    """Paper Eq. 1-5."""
+
+    ema_decay: float = 0.9996
+    tau_cls: float = 0.7
+    lambda_unsup: float = 4.0
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    period: int = 5000  # steps between evaluations; the last step is always evaluated
+    teacher: bool = True
+    student: bool = True
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    output_dir: str = "runs/default"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    checkpoint_period: int = 5000
+    keep_checkpoints: int = 3
+    log_period: int = 20
+    progress_bar: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    mean_teacher: MeanTeacherConfig = field(default_factory=MeanTeacherConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read `path` (and its `_base_` files), apply dotted `key=value` overrides, validate."""
+    path = Path(path)
+    raw = _read_with_bases(path, seen=())
+    for item in overrides:
+        _apply_override(raw, item, path)
+    cfg = _build(Config, raw, prefix="", source=str(path))
+    _check_values(cfg, str(path))
+    return cfg
+
+
+def config_to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (loadable again by `load_config`)."""
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def _read_with_bases(path: Path, seen: tuple[Path, ...]) -> dict:
+    resolved = path.resolve()
+    if resolved in seen:
+        raise ConfigError(f"{path}: _base_ cycle through {' -> '.join(str(p) for p in seen)}")
+    data = _read_yaml(path)
+    bases = data.pop("_base_", [])
+    if isinstance(bases, str):
+        bases = [bases]
+    merged: dict = {}
+    for base in bases:
+        _deep_merge(merged, _read_with_bases(path.parent / base, seen + (resolved,)))
+    _deep_merge(merged, data)
+    return merged
+
+
+def _deep_merge(dst: dict, src: dict) -> None:
+    for key, value in src.items():
+        if isinstance(value, dict) and isinstance(dst.get(key), dict):
+            _deep_merge(dst[key], value)
+        else:
+            dst[key] = value
+
+
+def _apply_override(raw: dict, item: str, source: Path) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' (for {source}): expected KEY=VALUE, e.g. solver.lr=0.02")
+    key, _, text = item.partition("=")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{item}' (for {source}): value is not valid YAML: {exc}") from None
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{item}' (for {source}): '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
+    where = prefix.rstrip(".") or "<top level>"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: key '{where}' must be a mapping, got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in raw:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise ConfigError(f"{source}: unknown key '{prefix}{key}'{hint}")
+    kwargs = {name: _coerce(hints[name], raw[name], f"{prefix}{name}", source) for name in fields if name in raw}
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, key, source)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value if value is not None else {}, key + ".", source)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: key '{key}' must be a list, got {type(value).__name__} {value!r}")
+        return [_coerce(args[0], v, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: key '{key}' must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: key '{key}' must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{source}: key '{key}' must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: key '{key}' must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"{source}: key '{key}' has unsupported type {tp}")  # a bug in this module
+
+
+def _check_values(cfg: Config, source: str) -> None:
+    """Range and consistency checks that types alone cannot express."""
+
+    def need(ok: bool, key: str, msg: str) -> None:
+        if not ok:
+            raise ConfigError(f"{source}: key '{key}' {msg}")
+
+    s, m, a = cfg.solver, cfg.model, cfg.augment
+    need(s.total_steps > 0, "solver.total_steps", "must be > 0")
+    need(0 <= s.pretrain_steps <= s.total_steps, "solver.pretrain_steps", "must be in [0, solver.total_steps]")
+    need(s.batch_labeled > 0, "solver.batch_labeled", "must be > 0")
+    need(s.batch_unlabeled > 0, "solver.batch_unlabeled", "must be > 0")
+    need(s.lr > 0, "solver.lr", "must be > 0")
+    need(list(s.lr_steps) == sorted(s.lr_steps), "solver.lr_steps", "must be increasing")
+    need(0.0 <= cfg.mean_teacher.ema_decay < 1.0, "mean_teacher.ema_decay", "must be in [0, 1)")
+    need(0.0 <= cfg.mean_teacher.tau_cls <= 1.0, "mean_teacher.tau_cls", "must be in [0, 1]")
+    need(m.backbone in ("resnet50", "resnet18", "mobilenet_v2"), "model.backbone",
+         f"must be one of resnet50, resnet18, mobilenet_v2; got '{m.backbone}'")
+    need(len(m.anchor_sizes) == 5, "model.anchor_sizes", "must list 5 sizes (one per FPN level)")
+    need(len(a.scales) > 0 and all(x > 0 for x in a.scales), "augment.scales", "must be a non-empty list of sizes")
+    need(len(a.jitter) == 4, "augment.jitter", "must be [brightness, contrast, saturation, hue]")
+    need(len(a.blur_sigma) == 2, "augment.blur_sigma", "must be [min, max]")
+    need(all(len(c) == 3 for c in a.cutout), "augment.cutout", "entries must be [prob, min_area, max_area]")
+    need(cfg.run.device in ("auto", "cpu", "cuda"), "run.device", "must be auto, cpu or cuda")
+    need(0.0 <= cfg.data.split_percent <= 100.0, "data.split_percent", "must be in [0, 100]")
+    d = cfg.data
+    need(bool(d.val_json), "data.val_json", "must be set")
+    need(bool(d.train_json), "data.train_json", "must be set")
+    if s.total_steps > s.pretrain_steps:
+        need(bool(d.unlabeled_json or d.unlabeled_images or d.split_percent > 0), "data.unlabeled_json",
+             "or data.unlabeled_images or data.split_percent must be set for mutual learning")
+
+
+def check_paths(cfg: Config, source: str) -> None:
+    """Every path the config names must exist (call after demo data / splits are generated)."""
+    d, m = cfg.data, cfg.model
+    checks = [
+        ("data.train_json", d.train_json, "file"), ("data.train_images", d.train_images, "dir"),
+        ("data.val_json", d.val_json, "file"), ("data.val_images", d.val_images, "dir"),
+        ("data.unlabeled_json", d.unlabeled_json, "file"), ("data.unlabeled_images", d.unlabeled_images, "dir"),
+        ("model.backbone_weights", m.backbone_weights, "file"), ("model.weights", m.weights, "file"),
+    ]
+    for key, value, kind in checks:
+        if not value:
+            continue
+        p = Path(value)
+        ok = p.is_file() if kind == "file" else p.is_dir()
+        if not ok:
+            raise ConfigError(f"{source}: key '{key}': {kind} not found: {value}")

@@ -1,0 +1,158 @@
+"""Embedded demo dataset: deterministic small images of shapes on cluttered backgrounds, COCO format.
+
+Classes are shapes (colour is random, so only the shape tells the class). The share of objects
+of class k is proportional to (k + 1) ** -imbalance: a long tail like COCO's (paper Fig. 1).
+Writes, under `root`:
+    labeled/  unlabeled/  val/            JPEG images
+    labeled.json  unlabeled.json  val.json  COCO instances (unlabeled.json's boxes are hidden
+                                            ground truth: never trained on, used for metrics)
+Generation is deterministic in (config, seed) and atomic (written beside, then renamed).
+    python -m acrst_fast.data.demo OUT_DIR [--seed S]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+from acrst_fast.config import DemoDataConfig
+
+SHAPES = ("circle", "square", "triangle", "cross", "ring", "diamond", "star", "bar")
+SPLITS = (("labeled", "num_labeled"), ("unlabeled", "num_unlabeled"), ("val", "num_val"))
+
+
+def class_probs(cfg: DemoDataConfig) -> np.ndarray:
+    p = (np.arange(cfg.num_classes) + 1.0) ** -cfg.imbalance
+    return p / p.sum()
+
+
+def _background(rng: np.random.Generator, size: int) -> Image.Image:
+    c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+    t = np.linspace(0, 1, size)[None, :, None]
+    if rng.random() < 0.5:
+        t = t.transpose(1, 0, 2)
+    img = c0 * (1 - t) + c1 * t + rng.normal(0, rng.uniform(3, 20), (size, size, 3))
+    im = Image.fromarray(img.clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(im)
+    for _ in range(rng.integers(2, 8)):  # clutter: lines and faint blobs that are not objects
+        pts = [tuple(rng.uniform(0, size, 2)) for _ in range(2)]
+        draw.line(pts, fill=tuple(int(v) for v in rng.uniform(0, 255, 3)), width=int(rng.integers(1, 4)))
+    return im
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[float, float, float, float], color: tuple) -> None:
+    x1, y1, x2, y2 = box
+    cx, cy, w, h = (x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1
+    if shape == "circle":
+        draw.ellipse(box, fill=color)
+    elif shape == "square":
+        draw.rectangle(box, fill=color)
+    elif shape == "triangle":
+        draw.polygon([(cx, y1), (x2, y2), (x1, y2)], fill=color)
+    elif shape == "cross":
+        draw.rectangle((x1, cy - h / 6, x2, cy + h / 6), fill=color)
+        draw.rectangle((cx - w / 6, y1, cx + w / 6, y2), fill=color)
+    elif shape == "ring":
+        draw.ellipse(box, outline=color, width=max(2, int(w / 6)))
+    elif shape == "diamond":
+        draw.polygon([(cx, y1), (x2, cy), (cx, y2), (x1, cy)], fill=color)
+    elif shape == "star":
+        ang = np.linspace(-np.pi / 2, 1.5 * np.pi, 11)[:-1]
+        rad = np.where(np.arange(10) % 2 == 0, 1.0, 0.45)
+        draw.polygon([(cx + r * w / 2 * np.cos(a), cy + r * h / 2 * np.sin(a)) for a, r in zip(ang, rad)], fill=color)
+    elif shape == "bar":
+        draw.rectangle((x1, cy - h / 5, x2, cy + h / 5), fill=color)
+        draw.rectangle((x1, y1, x1 + w / 5, y2), fill=color)
+
+
+def _tight_box(shape: str, box: tuple[float, float, float, float]) -> list[float]:
+    x1, y1, x2, y2 = box
+    if shape == "star":  # the star's points do not reach the bottom corners
+        h = y2 - y1
+        y2 = y1 + h / 2 + h / 2 * np.sin(np.pi / 2 - 2 * np.pi / 5)
+    return [x1, y1, x2, y2]
+
+
+def _iou(a: list[float], b: list[float]) -> float:
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def _make_image(cfg: DemoDataConfig, rng: np.random.Generator, probs: np.ndarray):
+    s = cfg.image_size
+    im = _background(rng, s)
+    draw = ImageDraw.Draw(im)
+    objects: list[tuple[list[float], int]] = []
+    for _ in range(int(rng.integers(1, cfg.max_objects + 1))):
+        k = int(rng.choice(cfg.num_classes, p=probs))
+        for _try in range(20):
+            side = rng.uniform(0.12, 0.35) * s
+            w, h = side * rng.uniform(0.8, 1.25), side * rng.uniform(0.8, 1.25)
+            x1, y1 = rng.uniform(0, s - w), rng.uniform(0, s - h)
+            box = _tight_box(SHAPES[k], (x1, y1, x1 + w, y1 + h))
+            if all(_iou(box, o[0]) < 0.05 for o in objects):
+                color = tuple(int(v) for v in rng.uniform(0, 255, 3))
+                _draw_shape(draw, SHAPES[k], (x1, y1, x1 + w, y1 + h), color)
+                objects.append((box, k))
+                break
+    if rng.random() < 0.3:
+        im = im.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.3, 1.0))))
+    return im, objects
+
+
+def generate(root: str | Path, cfg: DemoDataConfig) -> Path:
+    """Write the demo dataset under `root` unless an identical one (same config) is already there."""
+    root = Path(root)
+    stamp = json.dumps(dataclasses.asdict(cfg), sort_keys=True)
+    if (root / "DONE").is_file() and (root / "DONE").read_text() == stamp:
+        return root
+    if not 1 <= cfg.num_classes <= len(SHAPES):
+        raise ValueError(f"demo: num_classes must be in [1, {len(SHAPES)}], got {cfg.num_classes}")
+    tmp = root.with_name(root.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    probs = class_probs(cfg)
+    categories = [{"id": k + 1, "name": SHAPES[k], "supercategory": "shape"} for k in range(cfg.num_classes)]
+    next_image_id, next_ann_id = 1, 1
+    for split_idx, (split, count_key) in enumerate(SPLITS):
+        (tmp / split).mkdir()
+        images, anns = [], []
+        for i in range(getattr(cfg, count_key)):
+            rng = np.random.default_rng([cfg.seed, split_idx, i])
+            im, objects = _make_image(cfg, rng, probs)
+            name = f"{i:06d}.jpg"
+            im.save(tmp / split / name, quality=92)
+            images.append({"id": next_image_id, "file_name": name, "width": im.width, "height": im.height})
+            for box, k in objects:
+                x1, y1, x2, y2 = (round(float(v), 2) for v in box)
+                anns.append({"id": next_ann_id, "image_id": next_image_id, "category_id": k + 1,
+                             "bbox": [x1, y1, round(x2 - x1, 2), round(y2 - y1, 2)],
+                             "area": round((x2 - x1) * (y2 - y1), 2), "iscrowd": 0})
+                next_ann_id += 1
+            next_image_id += 1
+        (tmp / f"{split}.json").write_text(json.dumps({"images": images, "annotations": anns,
+                                                       "categories": categories}))
+    (tmp / "DONE").write_text(stamp)
+    shutil.rmtree(root, ignore_errors=True)
+    tmp.rename(root)
+    return root
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out_dir")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    root = generate(args.out_dir, DemoDataConfig(seed=args.seed))
+    print(f"demo dataset written to {root}")
+
+
+if __name__ == "__main__":
+    main()

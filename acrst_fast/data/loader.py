@@ -1,0 +1,202 @@
+"""The data stage: what the trainer consumes, and the plain-torch implementation of it.
+
+The trainer sees only `DataStage` (three iterators of typed batches). This module's
+`TorchDataStage` builds them from torch DataLoaders; the DALI stage (a later module) will
+provide the same interface.
+
+Streams are infinite and sharded by rank: the global order is a concatenation of seeded
+permutations (one per epoch), and rank r of w takes global positions r, r + w, r + 2w, ...
+A stream can start at any position in O(1), which is how a resumed run picks up exactly where
+the checkpoint was written.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Iterator, Protocol
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from acrst_fast.config import AugmentConfig
+from acrst_fast.data.coco import DataError, ImageRecord, decode_image
+from acrst_fast.data.transforms import (
+    Geometry, apply_geometry_to_boxes, apply_geometry_to_image, sample_geometry, strong_photometric,
+)
+
+STREAM_LABELED, STREAM_UNLABELED, STREAM_VAL = 0, 1, 2
+
+
+@dataclass
+class Batch:
+    """A batch of images as the detector consumes them (lists: sizes differ per image).
+
+    weak / strong: list of Tensor[3, H, W] float in [0, 1] (a view is [] when not produced);
+    boxes: list of Tensor[N_i, 4] (x1, y1, x2, y2), view pixels; labels: list of Tensor[N_i] int64 1..K;
+    geometry: how each view was made from its original image (to map boxes back for evaluation).
+    """
+
+    image_ids: list[int]
+    weak: list[torch.Tensor]
+    strong: list[torch.Tensor]
+    boxes: list[torch.Tensor]
+    labels: list[torch.Tensor]
+    geometry: list[Geometry]
+    orig_hw: list[tuple[int, int]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def targets(self, device: torch.device | str = "cpu") -> list[dict[str, torch.Tensor]]:
+        return [{"boxes": b.to(device), "labels": l.to(device)} for b, l in zip(self.boxes, self.labels)]
+
+
+class DataStage(Protocol):
+    def labeled(self, start_step: int) -> Iterator[Batch]: ...  # strong view + ground truth
+    def unlabeled(self, start_step: int) -> Iterator[Batch]: ...  # weak + strong views, no boxes
+    def val(self) -> Iterator[Batch]: ...  # weak view at test scale; this rank's shard only
+
+
+def sample_seed(seed: int, stream: int, position: int) -> int:
+    """A 63-bit seed for one sample, from (run seed, stream id, global position)."""
+    digest = hashlib.blake2b(f"{seed}:{stream}:{position}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+class ShardedStreamSampler(Sampler):
+    """Yields (dataset index, sample seed) for rank `rank` of `world`, from this rank's position `start`.
+
+    Infinite (per-epoch seeded permutations) when `epochs` is None; otherwise one ordered pass
+    (no shuffling) over the dataset, this rank taking every `world`-th image.
+    """
+
+    def __init__(self, size: int, seed: int, stream: int, rank: int, world: int, start: int = 0,
+                 infinite: bool = True):
+        if size <= 0:
+            raise ValueError("cannot sample from an empty dataset")
+        self.size, self.seed, self.stream = size, seed, stream
+        self.rank, self.world, self.start, self.infinite = rank, world, start, infinite
+        self._perm_epoch, self._perm = -1, None
+
+    def _perm_for(self, epoch: int) -> torch.Tensor:
+        if epoch != self._perm_epoch:
+            gen = torch.Generator().manual_seed(sample_seed(self.seed, self.stream, -1 - epoch))
+            self._perm, self._perm_epoch = torch.randperm(self.size, generator=gen), epoch
+        return self._perm
+
+    def __iter__(self):
+        if not self.infinite:
+            for g in range(self.rank, self.size, self.world):
+                yield g, sample_seed(self.seed, self.stream, g)
+            return
+        j = self.start
+        while True:
+            g = j * self.world + self.rank
+            epoch, offset = divmod(g, self.size)
+            yield int(self._perm_for(epoch)[offset]), sample_seed(self.seed, self.stream, g)
+            j += 1
+
+    def __len__(self) -> int:
+        if self.infinite:
+            raise TypeError("infinite sampler has no length")
+        return len(range(self.rank, self.size, self.world))
+
+
+class DetectionViews(Dataset):
+    """Decodes one record and makes its views. Indexed by (index, seed) from `ShardedStreamSampler`.
+
+    views: subset of ("weak", "strong"); with_boxes: False for unlabeled images (no targets).
+    """
+
+    def __init__(self, records: list[ImageRecord], aug: AugmentConfig, views: tuple[str, ...], train: bool,
+                 with_boxes: bool):
+        self.records, self.aug, self.views, self.train, self.with_boxes = records, aug, views, train, with_boxes
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        try:
+            return self._views(*key)
+        except DataError as exc:  # carried to the main process as a message, not a worker traceback
+            return {"error": str(exc)}
+
+    def _views(self, index: int, seed: int) -> dict:
+        rec = self.records[index]
+        gen = torch.Generator().manual_seed(seed)
+        image = decode_image(rec).float().div_(255.0)
+        h, w = image.shape[1:]
+        geom = sample_geometry(gen, h, w, self.aug, self.train)
+        weak = apply_geometry_to_image(image, geom)
+        boxes = torch.from_numpy(rec.boxes) if self.with_boxes else torch.zeros((0, 4))
+        labels = torch.from_numpy(rec.labels) if self.with_boxes else torch.zeros((0,), dtype=torch.int64)
+        boxes, keep = apply_geometry_to_boxes(boxes, geom)
+        return {
+            "image_id": rec.image_id,
+            "weak": weak if "weak" in self.views else None,
+            "strong": strong_photometric(weak, gen, self.aug) if "strong" in self.views else None,
+            "boxes": boxes,
+            "labels": labels[keep],
+            "geometry": geom,
+            "orig_hw": (h, w),
+        }
+
+
+def collate(items: list[dict]) -> Batch | DataError:
+    errors = [it["error"] for it in items if "error" in it]
+    if errors:
+        return DataError(errors[0])
+    return Batch(
+        image_ids=[it["image_id"] for it in items],
+        weak=[it["weak"] for it in items if it["weak"] is not None],
+        strong=[it["strong"] for it in items if it["strong"] is not None],
+        boxes=[it["boxes"] for it in items],
+        labels=[it["labels"] for it in items],
+        geometry=[it["geometry"] for it in items],
+        orig_hw=[it["orig_hw"] for it in items],
+    )
+
+
+def _raise_errors(batches) -> Iterator[Batch]:
+    for batch in batches:
+        if isinstance(batch, DataError):
+            raise batch
+        yield batch
+
+
+class TorchDataStage:
+    """`DataStage` over torch DataLoaders. Batch sizes here are per rank."""
+
+    def __init__(self, labeled: list[ImageRecord], unlabeled: list[ImageRecord], val: list[ImageRecord],
+                 aug: AugmentConfig, batch_labeled: int, batch_unlabeled: int, seed: int, rank: int, world: int,
+                 num_workers: int, val_batch: int = 4):
+        self.sets = {
+            STREAM_LABELED: DetectionViews(labeled, aug, ("strong",), train=True, with_boxes=True),
+            STREAM_UNLABELED: DetectionViews(unlabeled, aug, ("weak", "strong"), train=True, with_boxes=False),
+            STREAM_VAL: DetectionViews(val, aug, ("weak",), train=False, with_boxes=True),
+        }
+        self.batch = {STREAM_LABELED: batch_labeled, STREAM_UNLABELED: batch_unlabeled, STREAM_VAL: val_batch}
+        self.seed, self.rank, self.world, self.num_workers = seed, rank, world, num_workers
+
+    def _loader(self, stream: int, start_step: int, infinite: bool) -> Iterator[Batch]:
+        ds = self.sets[stream]
+        if len(ds) == 0:
+            return iter(())
+        sampler = ShardedStreamSampler(len(ds), self.seed, stream, self.rank, self.world,
+                                       start=start_step * self.batch[stream], infinite=infinite)
+        # Its own generator: creating a loader iterator must not draw from the global RNG, or a resumed run
+        # (which opens its streams at a different moment) would see different RPN/RoI sampling.
+        base = torch.Generator().manual_seed(sample_seed(self.seed, stream, -(10**6) - start_step))
+        loader = DataLoader(ds, batch_size=self.batch[stream], sampler=sampler, collate_fn=collate,
+                            num_workers=self.num_workers, prefetch_factor=2 if self.num_workers > 0 else None,
+                            generator=base)
+        return _raise_errors(loader)
+
+    def labeled(self, start_step: int) -> Iterator[Batch]:
+        return self._loader(STREAM_LABELED, start_step, infinite=True)
+
+    def unlabeled(self, start_step: int) -> Iterator[Batch]:
+        return self._loader(STREAM_UNLABELED, start_step, infinite=True)
+
+    def val(self) -> Iterator[Batch]:
+        return self._loader(STREAM_VAL, 0, infinite=False)

@@ -1,0 +1,116 @@
+"""COCO-standard and COCO-additional splits, written as files.
+
+COCO-standard: `percent` % of the images of a COCO instances json are labeled, the rest are the
+unlabeled stream (their annotations stay in the unlabeled json as hidden ground truth, for
+pseudo-label metrics; the trainer never reads them as targets). The choice depends only on
+(json contents, percent, fold): image ids are sorted and permuted by a generator seeded with
+the fold, so every rank and every machine picks the same images.
+
+COCO-additional: the whole train json is labeled; the unlabeled stream is an image-only json
+listing a folder (unlabeled2017).
+
+    python -m acrst_fast.data.splits standard ANNOTATIONS.json --percent 1 --fold 1 --out DIR
+    python -m acrst_fast.data.splits additional UNLABELED_DIR --out unlabeled.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from acrst_fast.data.coco import IMAGE_SUFFIXES, DataError, read_json
+
+
+def standard_split_paths(json_path: str | Path, percent: float, fold: int, out_dir: str | Path) -> tuple[Path, Path]:
+    stem = Path(json_path).stem
+    tag = f"{percent:g}p_fold{fold}"
+    out_dir = Path(out_dir)
+    return out_dir / f"{stem}.{tag}.labeled.json", out_dir / f"{stem}.{tag}.unlabeled.json"
+
+
+def choose_labeled(image_ids: list[int], percent: float, fold: int) -> set[int]:
+    """The labeled image ids: round(percent % of N) of them (at least 1), fixed by `fold`."""
+    if not 0 < percent <= 100:
+        raise ValueError(f"percent must be in (0, 100], got {percent}")
+    ids = np.array(sorted(image_ids), dtype=np.int64)
+    n = max(1, int(round(len(ids) * percent / 100.0)))
+    order = np.random.default_rng(fold).permutation(len(ids))
+    return {int(i) for i in ids[order[:n]]}
+
+
+def _atomic_write_json(obj: dict, path: Path) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+
+
+def write_standard_split(json_path: str | Path, percent: float, fold: int, out_dir: str | Path) -> tuple[Path, Path]:
+    """Write the labeled and unlabeled jsons of a COCO-standard split (skipped if both exist)."""
+    lab_path, unl_path = standard_split_paths(json_path, percent, fold, out_dir)
+    if lab_path.is_file() and unl_path.is_file():
+        return lab_path, unl_path
+    data = read_json(json_path)
+    if not data["images"]:
+        raise DataError(f"{json_path}: no images to split")
+    labeled = choose_labeled([im["id"] for im in data["images"]], percent, fold)
+    common = {k: v for k, v in data.items() if k not in ("images", "annotations")}
+    anns = data.get("annotations", [])
+    parts = {}
+    for name, keep in (("labeled", True), ("unlabeled", False)):
+        parts[name] = dict(common,
+                           images=[im for im in data["images"] if (im["id"] in labeled) == keep],
+                           annotations=[a for a in anns if (a.get("image_id") in labeled) == keep])
+    lab_path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write_json(parts["labeled"], lab_path)
+    _atomic_write_json(parts["unlabeled"], unl_path)
+    return lab_path, unl_path
+
+
+def write_folder_json(image_dir: str | Path, out_path: str | Path) -> Path:
+    """Image-only COCO json listing every image in `image_dir` (sizes read from the file headers)."""
+    from PIL import Image
+
+    image_dir = Path(image_dir)
+    if not image_dir.is_dir():
+        raise DataError(f"{image_dir}: image folder not found")
+    images = []
+    for i, name in enumerate(sorted(n for n in os.listdir(image_dir) if n.lower().endswith(IMAGE_SUFFIXES))):
+        try:
+            with Image.open(image_dir / name) as im:
+                w, h = im.size
+        except OSError as exc:
+            raise DataError(f"{image_dir / name}: cannot read image header: {exc}") from None
+        images.append({"id": i + 1, "file_name": name, "width": w, "height": h})
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write_json({"images": images, "annotations": []}, out_path)
+    return out_path
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("standard")
+    s.add_argument("json")
+    s.add_argument("--percent", type=float, required=True)
+    s.add_argument("--fold", type=int, default=1)
+    s.add_argument("--out", required=True)
+    a = sub.add_parser("additional")
+    a.add_argument("image_dir")
+    a.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    try:
+        if args.cmd == "standard":
+            for p in write_standard_split(args.json, args.percent, args.fold, args.out):
+                print(p)
+        else:
+            print(write_folder_json(args.image_dir, args.out))
+    except DataError as exc:
+        raise SystemExit(f"error: {exc}")
+
+
+if __name__ == "__main__":
+    main()

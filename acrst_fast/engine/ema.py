@@ -1,0 +1,40 @@
+"""Teacher update by exponential moving average (paper Eq. 2), in place, from the unwrapped student.
+
+theta_t <- decay * theta_t + (1 - decay) * theta_s for floating-point parameters, done as one
+`torch._foreach_lerp_` over all of them. Buffers (BatchNorm running statistics, counters) are
+copied from the student: the teacher normalises with the statistics the student's weights were
+trained with. Frozen parameters (requires_grad=False) are averaged too; they are equal anyway.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _float_pairs(teacher: nn.Module, student: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    t_params = dict(teacher.named_parameters())
+    s_params = dict(student.named_parameters())
+    if t_params.keys() != s_params.keys():
+        raise ValueError("teacher and student have different parameters")
+    names = [n for n in t_params if t_params[n].is_floating_point()]
+    return [t_params[n] for n in names], [s_params[n] for n in names]
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, decay: float) -> None:
+    """Fused EMA: one foreach lerp over all float parameters, then buffers copied."""
+    t, s = _float_pairs(teacher, student)
+    if t:
+        torch._foreach_lerp_(t, s, 1.0 - decay)
+    for tb, sb in zip(teacher.buffers(), student.buffers()):
+        tb.copy_(sb)
+
+
+@torch.no_grad()
+def ema_update_ref(teacher: nn.Module, student: nn.Module, decay: float) -> None:
+    """Per-parameter reference of `ema_update`."""
+    for (name, tp), (_, sp) in zip(teacher.named_parameters(), student.named_parameters()):
+        if tp.is_floating_point():
+            tp.mul_(decay).add_(sp, alpha=1.0 - decay)
+    for tb, sb in zip(teacher.buffers(), student.buffers()):
+        tb.copy_(sb)

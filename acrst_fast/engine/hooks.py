@@ -1,0 +1,244 @@
+"""Hooks of the mean-teacher loop: LR schedule, EMA, checkpoint, evaluation, logging.
+
+Only rank 0 writes files; every rank takes part in collective calls (metric reduction,
+evaluation gathering, RNG-state gathering) in the same order.
+"""
+from __future__ import annotations
+
+import bisect
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+from tqdm import tqdm
+
+from acrst_fast import dist
+from acrst_fast.config import SolverConfig
+from acrst_fast.engine import checkpoint as ckpt
+from acrst_fast.engine.mean_teacher import PHASE_MUTUAL, MeanTeacher, StepOutput
+from acrst_fast.engine.trainer import HookBase, Trainer
+
+
+def lr_at(step: int, s: SolverConfig) -> float:
+    """Linear warmup from lr * warmup_factor over warmup_steps, then x lr_gamma at each of lr_steps."""
+    factor = s.lr_gamma ** bisect.bisect_right(s.lr_steps, step)
+    if step < s.warmup_steps:
+        alpha = step / s.warmup_steps
+        factor *= s.warmup_factor * (1 - alpha) + alpha
+    return s.lr * factor
+
+
+class LRScheduleHook(HookBase):
+    """Sets the learning rate of every param group before each step (a pure function of the step)."""
+
+    def __init__(self, runner: MeanTeacher, solver: SolverConfig):
+        self.runner, self.solver = runner, solver
+        self.lr = solver.lr
+
+    def before_step(self, trainer: Trainer) -> None:
+        self.lr = lr_at(trainer.step, self.solver)
+        for group in self.runner.optimizer.param_groups:
+            group["lr"] = self.lr
+
+
+class EMAHook(HookBase):
+    """Teacher <- EMA of the student after every mutual-learning step."""
+
+    def __init__(self, runner: MeanTeacher):
+        self.runner = runner
+
+    def after_step(self, trainer: Trainer) -> None:
+        if trainer.output.phase == PHASE_MUTUAL:
+            self.runner.update_teacher()
+
+
+class MetricsWriter:
+    """metrics.jsonl (one JSON object a line) and TensorBoard scalars in the run folder; rank 0 only.
+
+    On resume from step S, records of steps after S (written by the killed run after its last
+    checkpoint) are dropped, so the files read as one uninterrupted run.
+    """
+
+    def __init__(self, run_dir: Path, enabled: bool, resume_step: int | None = None):
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self._tb = None
+        if not enabled:
+            return
+        if resume_step is not None and self.path.is_file():
+            kept = [ln for ln in self.path.read_text().splitlines() if _step_of(ln) <= resume_step]
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(ln + "\n" for ln in kept))
+            os.replace(tmp, self.path)
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step)
+
+    def write(self, record: dict, scalars: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        for k, v in scalars.items():
+            if v is not None and math.isfinite(v):
+                self._tb.add_scalar(k, v, record["step"])
+        self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _step_of(line: str) -> int:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return -1  # a line cut by a kill: dropped with the records after the checkpoint
+
+
+class LoggingHook(HookBase):
+    """Progress bar (step, losses, images/s, ETA) every step; averaged scalars every `period` steps."""
+
+    def __init__(self, writer: MetricsWriter, lr_hook: LRScheduleHook, period: int, total: int, show_bar: bool):
+        self.writer, self.lr_hook, self.period, self.total = writer, lr_hook, period, total
+        self.show_bar = show_bar and writer.enabled
+        self._window: list[StepOutput] = []
+        self._t0 = time.perf_counter()
+        self.bar = None
+
+    def before_train(self, trainer: Trainer) -> None:
+        self.bar = tqdm(total=self.total, initial=trainer.step, disable=not self.show_bar, dynamic_ncols=True,
+                        mininterval=1.0, desc="train")
+        self._t0 = time.perf_counter()
+
+    def after_step(self, trainer: Trainer) -> None:
+        out: StepOutput = trainer.output
+        self._window.append(out)
+        if self.bar is not None:
+            self.bar.update(1)
+        if trainer.step % self.period == 0 or trainer.step == self.total:
+            self._flush(trainer.step)
+
+    def _flush(self, step: int) -> None:
+        n = len(self._window)
+        if n == 0:
+            return
+        elapsed = time.perf_counter() - self._t0
+        local = {"total": sum(o.total for o in self._window) / n,
+                 "images_per_s": sum(o.images for o in self._window) / max(elapsed, 1e-9),
+                 "pseudo_per_image": sum(o.pseudo_per_image for o in self._window) / n}
+        for group in ("sup", "unsup"):
+            for o in self._window:
+                for k, v in getattr(o, group).items():
+                    local[f"{group}/{k}"] = local.get(f"{group}/{k}", 0.0) + v / n
+        for part in ("data", "teacher", "student"):
+            local[f"time/{part}"] = sum(o.seconds.get(part, 0.0) for o in self._window) / n
+        avg = dist.all_reduce_mean(local)
+        avg["images_per_s"] *= dist.world_size()  # summed over ranks
+        record = {"kind": "train", "step": step, "phase": self._window[-1].phase, "lr": self.lr_hook.lr, **avg}
+        self.writer.write(record, {("train/" + k if "/" not in k else k): v for k, v in avg.items()} |
+                          {"train/lr": self.lr_hook.lr})
+        if self.bar is not None:
+            post = {"loss": f"{avg['total']:.3f}", "img/s": f"{avg['images_per_s']:.1f}", "phase": record["phase"]}
+            if "unsup/loss_classifier" in avg:
+                post["pl/img"] = f"{avg['pseudo_per_image']:.2f}"
+            self.bar.set_postfix(post, refresh=False)
+        self._window.clear()
+        self._t0 = time.perf_counter()
+
+    def after_train(self, trainer: Trainer) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    on_interrupt = after_train
+
+
+class EvalHook(HookBase):
+    """Evaluates at the end of pre-training (the supervised baseline), every `period` steps and at the end.
+
+    `evaluate(model) -> metrics` runs on every rank. The teacher is evaluated once mutual
+    learning has started; the student always. Results go to metrics.jsonl and `self.history`.
+    """
+
+    def __init__(self, runner: MeanTeacher, evaluate: Callable, writer: MetricsWriter, period: int, total: int,
+                 teacher: bool, student: bool, echo: Callable[[str], None]):
+        self.runner, self.evaluate, self.writer = runner, evaluate, writer
+        self.period, self.total, self.teacher, self.student, self.echo = period, total, teacher, student, echo
+        self.history: list[dict] = []
+
+    def due(self, step: int) -> bool:
+        return step == self.total or step == self.runner.pretrain_steps or (self.period > 0 and step % self.period == 0)
+
+    def after_step(self, trainer: Trainer) -> None:
+        if self.due(trainer.step):
+            self.run(trainer.step)
+
+    def run(self, step: int) -> None:
+        mutual_started = step > self.runner.pretrain_steps
+        models = []
+        if self.teacher and mutual_started:
+            models.append(("teacher", self.runner.teacher))
+        if self.student or not mutual_started:
+            models.append(("student", self.runner.student))
+        for name, model in models:
+            t0 = time.perf_counter()
+            m = self.evaluate(model)
+            entry = {"kind": "eval", "step": step, "model": name,
+                     "stage": "supervised" if step <= self.runner.pretrain_steps else "mean_teacher",
+                     "seconds": time.perf_counter() - t0, **m}
+            self.history.append(entry)
+            self.writer.write(entry, {f"eval/{name}/{k}": m[k] for k in ("AP", "AP50", "voc_AP50")})
+            self.echo(f"[eval] step {step} {name} ({entry['stage']}): AP {m['AP']:.2f}  AP50 {m['AP50']:.2f}  "
+                      f"VOC AP50 {m['voc_AP50']:.2f}  ({m['num_detections']} detections)")
+
+
+class CheckpointHook(HookBase):
+    """Atomic checkpoints every `period` steps, at the end, and when a stop is requested.
+
+    Holds everything needed to continue bit-for-bit: student, teacher, optimizer, step, every
+    rank's RNG states, evaluation history.
+    """
+
+    def __init__(self, runner: MeanTeacher, run_dir: Path, period: int, keep: int, total: int, is_main: bool,
+                 eval_hook: EvalHook | None, config: dict):
+        self.runner, self.run_dir, self.period, self.keep, self.total = runner, run_dir, period, keep, total
+        self.is_main, self.eval_hook, self.config = is_main, eval_hook, config
+
+    def save(self, step: int) -> None:
+        rngs = dist.gather_to_main(ckpt.rng_state())
+        if not self.is_main:
+            return
+        state = {
+            "step": step,
+            "student": self.runner.student.state_dict(),
+            "teacher": self.runner.teacher.state_dict(),
+            "optimizer": self.runner.optimizer.state_dict(),
+            "rng": rngs,
+            "eval_history": self.eval_hook.history if self.eval_hook else [],
+            "config": self.config,
+        }
+        ckpt.atomic_save(state, ckpt.checkpoint_path(self.run_dir, step))
+        ckpt.prune(self.run_dir, self.keep)
+
+    def after_step(self, trainer: Trainer) -> None:
+        if trainer.step == self.total or (self.period > 0 and trainer.step % self.period == 0):
+            self.save(trainer.step)
+
+    def on_interrupt(self, trainer: Trainer) -> None:
+        if ckpt.checkpoint_path(self.run_dir, trainer.step).is_file():
+            return
+        self.save(trainer.step)
+
+
+def restore(runner: MeanTeacher, path: Path, rank: int) -> tuple[int, list[dict]]:
+    """Load a checkpoint into the runner; returns (step, eval history)."""
+    state = ckpt.load(path)
+    runner.student.load_state_dict(state["student"])
+    runner.teacher.load_state_dict(state["teacher"])
+    runner.optimizer.load_state_dict(state["optimizer"])
+    rngs = state["rng"]
+    ckpt.set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
+    return int(state["step"]), list(state.get("eval_history", []))

@@ -1,0 +1,164 @@
+"""Faster R-CNN with FPN (torchvision), built from `ModelConfig`.
+
+The data stage owns geometry (resize, flip, crop), so the model's transform only normalises and
+batches: `DataOwnedGeometryTransform` skips torchvision's resize, and boxes in and out are in the
+pixels of the images given to the model.
+
+Weights are random unless the config names a local file:
+- `backbone_weights`: an ImageNet classifier state dict (torchvision layout). A file named like
+  torchvision's downloads (`name-<8 hex>.pth`) must have a sha256 starting with those 8 hex.
+- `weights`: a detector state dict, or an acrst_fast checkpoint (its teacher, else its student).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision.models import mobilenet_v2, resnet18, resnet50
+from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+from acrst_fast.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+
+class WeightsError(ValueError):
+    """A weights file is missing, corrupt, or does not fit the model; the message names the file."""
+
+
+class DataOwnedGeometryTransform(GeneralizedRCNNTransform):
+    """Normalise and batch only: images arrive already resized by the data stage."""
+
+    def resize(self, image, target=None):
+        return image, target
+
+
+def verify_torchvision_hash(path: Path) -> None:
+    m = re.search(r"-([0-9a-f]{8,})\.pth$", path.name)
+    if not m:
+        return
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if not digest.startswith(m.group(1)):
+        raise WeightsError(f"{path}: sha256 {digest[:12]}... does not start with {m.group(1)} "
+                           "(the hash in the file name); the file is corrupt or not what it claims")
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: weights file not found")
+    verify_torchvision_hash(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
+        raise WeightsError(f"{path}: cannot read weights: {exc}") from None
+    if isinstance(obj, dict) and "teacher" in obj and isinstance(obj["teacher"], dict):
+        obj = obj["teacher"]
+    elif isinstance(obj, dict) and "student" in obj and isinstance(obj["student"], dict):
+        obj = obj["student"]
+    elif isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError(f"{path}: not a state dict (name -> tensor)")
+    return obj
+
+
+def load_matching(module: nn.Module, state: dict[str, torch.Tensor], path: str, ignore: tuple[str, ...] = ()) -> int:
+    """Copy tensors whose names and shapes match; report the rest. Returns how many were loaded."""
+    own = module.state_dict()
+    loaded, shape_mismatch = {}, []
+    for k, v in state.items():
+        if k in own:
+            if own[k].shape == v.shape:
+                loaded[k] = v
+            else:
+                shape_mismatch.append(f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}")
+    if not loaded:
+        raise WeightsError(f"{path}: no tensor matches the model (wrong file or backbone?)")
+    module.load_state_dict(loaded, strict=False)
+    missing = [k for k in own if k not in loaded and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own and not k.startswith(ignore)]
+    if shape_mismatch:
+        log.warning("%s: %d tensors skipped for shape mismatch, e.g. %s", path, len(shape_mismatch), shape_mismatch[0])
+    if missing:
+        log.info("%s: %d model tensors not in the file (kept at init), e.g. %s", path, len(missing), missing[0])
+    if unexpected:
+        log.info("%s: %d file tensors unused, e.g. %s", path, len(unexpected), unexpected[0])
+    return len(loaded)
+
+
+def _freeze(modules: list[nn.Module]) -> None:
+    for mod in modules:
+        for p in mod.parameters():
+            p.requires_grad_(False)
+
+
+def _resnet_backbone(cfg: ModelConfig, norm: type[nn.Module]) -> BackboneWithFPN:
+    net = (resnet50 if cfg.backbone == "resnet50" else resnet18)(weights=None, norm_layer=norm)
+    if cfg.backbone_weights:
+        load_matching(net, load_state_dict_file(cfg.backbone_weights), cfg.backbone_weights, ignore=("fc.",))
+    stages = [nn.ModuleList([net.conv1, net.bn1]), net.layer1, net.layer2, net.layer3, net.layer4]
+    _freeze(stages[: 5 - cfg.trainable_backbone_layers])
+    in_channels = [c * (4 if cfg.backbone == "resnet50" else 1) for c in (64, 128, 256, 512)]
+    return BackboneWithFPN(net, {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"}, in_channels,
+                           cfg.fpn_channels, extra_blocks=LastLevelMaxPool(), norm_layer=None)
+
+
+def _mobilenet_backbone(cfg: ModelConfig, norm: type[nn.Module]) -> BackboneWithFPN:
+    net = mobilenet_v2(weights=None, norm_layer=norm)
+    if cfg.backbone_weights:
+        load_matching(net, load_state_dict_file(cfg.backbone_weights), cfg.backbone_weights, ignore=("classifier.",))
+    # stages end at strides 2, 4, 8, 16, 32: features[0:2], [2:4], [4:7], [7:14], [14:19]
+    starts = [0, 2, 4, 7, 14, 19]
+    frozen_upto = starts[5 - cfg.trainable_backbone_layers]
+    _freeze(list(net.features[:frozen_upto]))
+    return BackboneWithFPN(net.features, {"3": "0", "6": "1", "13": "2", "18": "3"}, [24, 32, 96, 1280],
+                           cfg.fpn_channels, extra_blocks=LastLevelMaxPool(), norm_layer=None)
+
+
+def build_detector(cfg: ModelConfig, num_classes: int) -> FasterRCNN:
+    """Faster R-CNN for `num_classes` foreground classes (labels 1..K; 0 is background).
+
+    Normalisation layers of the backbone are frozen (FrozenBatchNorm2d) when ImageNet weights are
+    loaded, as in Detectron2; with random init they are ordinary BatchNorm2d, which needs training.
+    """
+    if not 0 <= cfg.trainable_backbone_layers <= 5:
+        raise ValueError(f"model.trainable_backbone_layers must be in [0, 5], got {cfg.trainable_backbone_layers}")
+    norm = FrozenBatchNorm2d if cfg.backbone_weights else nn.BatchNorm2d
+    backbone = (_mobilenet_backbone if cfg.backbone == "mobilenet_v2" else _resnet_backbone)(cfg, norm)
+    anchors = AnchorGenerator(tuple((s,) for s in cfg.anchor_sizes), ((0.5, 1.0, 2.0),) * len(cfg.anchor_sizes))
+    resolution = 7
+    model = FasterRCNN(
+        backbone,
+        num_classes=None,
+        rpn_anchor_generator=anchors,
+        box_roi_pool=MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=resolution,
+                                        sampling_ratio=cfg.roi_sampling_ratio),
+        box_head=TwoMLPHead(cfg.fpn_channels * resolution**2, cfg.representation_size),
+        box_predictor=FastRCNNPredictor(cfg.representation_size, num_classes + 1),
+        rpn_pre_nms_top_n_train=cfg.rpn_pre_nms_top_n_train,
+        rpn_post_nms_top_n_train=cfg.rpn_post_nms_top_n_train,
+        rpn_pre_nms_top_n_test=cfg.rpn_pre_nms_top_n_test,
+        rpn_post_nms_top_n_test=cfg.rpn_post_nms_top_n_test,
+        rpn_batch_size_per_image=cfg.rpn_batch_size_per_image,
+        box_batch_size_per_image=cfg.box_batch_size_per_image,
+        box_score_thresh=cfg.box_score_thresh,
+        box_detections_per_img=cfg.box_detections_per_img,
+    )
+    model.transform = DataOwnedGeometryTransform(
+        min_size=1, max_size=1, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+    if cfg.weights:
+        n = load_matching(model, load_state_dict_file(cfg.weights), cfg.weights)
+        log.info("%s: loaded %d tensors into the detector", cfg.weights, n)
+    return model
+

@@ -1,0 +1,190 @@
+"""Train a detector with Mean Teacher: `python -m acrst_fast.train CONFIG [--resume] [KEY=VALUE ...]`.
+
+Multi-process: `torchrun --nproc_per_node=N -m acrst_fast.train CONFIG` (NCCL on GPUs, gloo on CPU).
+The run folder (`run.output_dir`) receives config.yaml (resolved), metrics.jsonl, tensorboard/,
+checkpoints ckpt_*.pt and final_metrics.json. A run folder that already holds checkpoints is
+only continued with --resume, never overwritten.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from acrst_fast import dist
+from acrst_fast.config import Config, ConfigError, check_paths, config_to_dict, dump_config, load_config
+from acrst_fast.data.build import load_datasets, prepare_data, resolved_data
+from acrst_fast.data.coco import DataError
+from acrst_fast.data.loader import TorchDataStage
+from acrst_fast.engine import checkpoint as ckpt
+from acrst_fast.engine.hooks import (
+    CheckpointHook, EMAHook, EvalHook, LoggingHook, LRScheduleHook, MetricsWriter, restore,
+)
+from acrst_fast.engine.mean_teacher import MeanTeacher, StudentLosses
+from acrst_fast.engine.trainer import Trainer, TrainingInterrupted
+from acrst_fast.evaluation.coco_eval import Evaluator
+from acrst_fast.models.detector import WeightsError, build_detector
+
+log = logging.getLogger("acrst_fast")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m acrst_fast.train", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("config", help="YAML config file")
+    ap.add_argument("overrides", nargs="*", help="dotted KEY=VALUE overrides, e.g. solver.lr=0.02")
+    ap.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in run.output_dir")
+    return ap.parse_args(argv)
+
+
+def _per_rank(total: int, world: int, key: str, source: str) -> int:
+    if total % world:
+        raise ConfigError(f"{source}: key '{key}' ({total}) must be divisible by the number of processes ({world})")
+    return total // world
+
+
+def run(cfg: Config, source: str, resume: bool, info: dist.DistInfo) -> dict:
+    """Train per `cfg`; returns the final summary (same on every rank)."""
+    run_dir = Path(cfg.run.output_dir)
+    existing = ckpt.latest_checkpoint(run_dir)
+    if existing is not None and not resume:
+        raise ConfigError(f"{source}: key 'run.output_dir': {run_dir} already holds checkpoints ({existing.name}); "
+                          "pass --resume to continue it, or choose another run.output_dir")
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, run_dir / "config.yaml")
+        prepare_data(cfg)
+    dist.barrier()
+    data_cfg = resolved_data(cfg.data)
+    check_paths(dataclasses.replace(cfg, data=data_cfg), source)
+    datasets = load_datasets(data_cfg)
+    if not datasets.labeled:
+        raise DataError(f"{data_cfg.train_json}: no labeled images")
+    if not datasets.val:
+        raise DataError(f"{data_cfg.val_json}: no validation images")
+    if cfg.solver.total_steps > cfg.solver.pretrain_steps and not datasets.unlabeled:
+        raise DataError(f"{data_cfg.unlabeled_json or data_cfg.unlabeled_images}: no unlabeled images "
+                        "for mutual learning")
+    echo = (lambda msg: print(msg, flush=True)) if info.is_main else (lambda msg: None)
+    echo(f"[data] {len(datasets.labeled)} labeled, {len(datasets.unlabeled)} unlabeled, {len(datasets.val)} val "
+         f"images; {datasets.categories.num_classes} classes; world size {info.world}, device {info.device}")
+
+    torch.manual_seed(cfg.run.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
+    student = build_detector(cfg.model, datasets.categories.num_classes).to(info.device)
+    torch.manual_seed(cfg.run.seed + 1000 * info.rank)  # per-rank streams for the RoI/RPN samplers
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=cfg.solver.lr, momentum=cfg.solver.momentum,
+                                weight_decay=cfg.solver.weight_decay)
+    losses = StudentLosses(student)
+    if info.world > 1:
+        losses = DistributedDataParallel(losses, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
+    stage = TorchDataStage(
+        datasets.labeled, datasets.unlabeled, datasets.val, cfg.augment,
+        batch_labeled=_per_rank(cfg.solver.batch_labeled, info.world, "solver.batch_labeled", source),
+        batch_unlabeled=_per_rank(cfg.solver.batch_unlabeled, info.world, "solver.batch_unlabeled", source),
+        seed=cfg.run.seed, rank=info.rank, world=info.world, num_workers=cfg.data.num_workers)
+    runner = MeanTeacher(cfg, student, losses, optimizer, stage, info.device)
+
+    start_step, history = 0, []
+    if resume and existing is not None:
+        start_step, history = restore(runner, existing, info.rank)
+        echo(f"[resume] {existing} (step {start_step})")
+    runner.start(start_step)
+
+    total = cfg.solver.total_steps
+    writer = MetricsWriter(run_dir, enabled=info.is_main, resume_step=start_step if resume else None)
+    evaluator = Evaluator(data_cfg.val_json, datasets.categories)
+    lr_hook = LRScheduleHook(runner, cfg.solver)
+    eval_hook = EvalHook(runner, lambda model: evaluator(model, stage.val(), info.device), writer,
+                         cfg.eval.period, total, cfg.eval.teacher, cfg.eval.student, echo)
+    eval_hook.history = history
+    hooks = [lr_hook, EMAHook(runner), eval_hook,
+             CheckpointHook(runner, run_dir, cfg.run.checkpoint_period, cfg.run.keep_checkpoints, total,
+                            info.is_main, eval_hook, config_to_dict(cfg)),
+             LoggingHook(writer, lr_hook, cfg.run.log_period, total, cfg.run.progress_bar)]
+    trainer = Trainer(runner.run_step, hooks, start_step, total)
+    _install_stop_handler(trainer)
+    try:
+        trainer.train()
+    finally:
+        writer.close()
+    summary = summarize(eval_hook.history, datasets.categories.names)
+    if info.is_main:
+        (run_dir / "final_metrics.json").write_text(json.dumps(summary, indent=2))
+        echo(format_summary(summary, run_dir))
+    return summary
+
+
+def summarize(history: list[dict], class_names: tuple[str, ...]) -> dict:
+    """Supervised baseline (student at the end of pre-training) and final teacher/student metrics."""
+    def last(pred):
+        found = [h for h in history if pred(h)]
+        return found[-1] if found else None
+
+    keys = ("step", "AP", "AP50", "voc_AP50", "AP_per_class")
+    pick = lambda h: {k: h[k] for k in keys} if h else None  # noqa: E731
+    return {
+        "supervised": pick(last(lambda h: h["stage"] == "supervised" and h["model"] == "student")),
+        "teacher": pick(last(lambda h: h["stage"] == "mean_teacher" and h["model"] == "teacher")),
+        "student": pick(last(lambda h: h["stage"] == "mean_teacher" and h["model"] == "student")),
+        "classes": list(class_names),
+    }
+
+
+def format_summary(summary: dict, run_dir: Path) -> str:
+    lines = ["", "=" * 64, f"{'model':<28}{'step':>8}{'AP':>9}{'AP50':>9}{'VOC AP50':>10}", "-" * 64]
+    for name, label in (("supervised", "supervised (pre-training)"), ("teacher", "mean teacher: teacher"),
+                        ("student", "mean teacher: student")):
+        m = summary[name]
+        if m:
+            lines.append(f"{label:<28}{m['step']:>8}{m['AP']:>9.2f}{m['AP50']:>9.2f}{m['voc_AP50']:>10.2f}")
+    lines += ["=" * 64, f"run folder: {run_dir}  (metrics.jsonl, tensorboard/, final_metrics.json)"]
+    return "\n".join(lines)
+
+
+def _install_stop_handler(trainer: Trainer) -> None:
+    """First SIGTERM/SIGINT: finish the step, checkpoint, exit. A second SIGINT stops at once."""
+    def handler(signum, frame):
+        if trainer.stop_requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        trainer.request_stop()
+        print(f"\n[signal {signum}] finishing the current step, then writing a checkpoint", file=sys.stderr, flush=True)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handler)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    info = None
+    try:
+        cfg = load_config(args.config, args.overrides)
+        info = dist.init_distributed(cfg.run.device)
+        if info.device.type == "cpu" and info.world > 1:
+            torch.set_num_threads(max(1, torch.get_num_threads() // info.world))
+        run(cfg, args.config, args.resume, info)
+        return 0
+    except (ConfigError, DataError, WeightsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except FloatingPointError as exc:
+        print(f"error: training diverged: {exc}. The newest checkpoint in run.output_dir is intact; "
+              "lower solver.lr or set solver.grad_clip_norm and continue with --resume", file=sys.stderr)
+        return 3
+    except TrainingInterrupted as exc:
+        print(f"interrupted: {exc}; continue with --resume", file=sys.stderr)
+        return 130
+    finally:
+        dist.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

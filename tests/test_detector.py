@@ -1,0 +1,79 @@
+"""Detector construction and real loading of weight files written by the test."""
+import hashlib
+import logging
+
+import pytest
+import torch
+import torchvision
+
+from acrst_fast.config import ModelConfig
+from acrst_fast.models.detector import WeightsError, build_detector
+
+SMALL = dict(fpn_channels=16, representation_size=32)
+
+
+def test_backbone_imagenet_weights_loaded(tmp_path):
+    torch.manual_seed(1)
+    net = torchvision.models.resnet18()
+    path = tmp_path / "resnet18_imagenet.pth"
+    torch.save(net.state_dict(), path)
+    det = build_detector(ModelConfig(backbone="resnet18", backbone_weights=str(path), **SMALL), num_classes=3)
+    body = det.backbone.body
+    torch.testing.assert_close(body.conv1.weight, net.conv1.weight)
+    torch.testing.assert_close(body.layer4[1].conv2.weight, net.layer4[1].conv2.weight)
+    torch.testing.assert_close(body.layer2[0].bn1.running_var, net.layer2[0].bn1.running_var)
+    assert isinstance(body.bn1, torchvision.ops.FrozenBatchNorm2d)  # pretrained -> frozen BN
+    assert not body.layer1[0].conv1.weight.requires_grad and body.layer4[0].conv1.weight.requires_grad
+
+
+def test_mobilenet_weights_and_hash_check(tmp_path):
+    net = torchvision.models.mobilenet_v2()
+    data_path = tmp_path / "tmp.pth"
+    torch.save(net.state_dict(), data_path)
+    digest = hashlib.sha256(data_path.read_bytes()).hexdigest()
+    good = tmp_path / f"mobilenet_v2-{digest[:8]}.pth"
+    data_path.rename(good)
+    det = build_detector(ModelConfig(backbone="mobilenet_v2", backbone_weights=str(good), **SMALL), num_classes=2)
+    torch.testing.assert_close(det.backbone.body["18"][0].weight, net.features[18][0].weight)
+    bad = tmp_path / "mobilenet_v2-deadbeef.pth"
+    bad.write_bytes(good.read_bytes())
+    with pytest.raises(WeightsError, match=r"mobilenet_v2-deadbeef\.pth: sha256 .* does not start with deadbeef"):
+        build_detector(ModelConfig(backbone="mobilenet_v2", backbone_weights=str(bad), **SMALL), num_classes=2)
+
+
+def test_detector_checkpoint_round_trip_and_class_mismatch(tmp_path, caplog):
+    cfg = ModelConfig(backbone="mobilenet_v2", **SMALL)
+    torch.manual_seed(0)
+    src = build_detector(cfg, num_classes=4)
+    path = tmp_path / "ckpt.pt"
+    torch.save({"step": 10, "teacher": src.state_dict(), "student": {}}, path)
+    torch.manual_seed(1)
+    dst = build_detector(ModelConfig(backbone="mobilenet_v2", weights=str(path), **SMALL), num_classes=4)
+    for (k, a), b in zip(src.state_dict().items(), dst.state_dict().values()):
+        assert torch.equal(a, b), k
+    with caplog.at_level(logging.WARNING):  # other class count: the predictor is skipped, with a warning
+        other = build_detector(ModelConfig(backbone="mobilenet_v2", weights=str(path), **SMALL), num_classes=7)
+    assert "shape mismatch" in caplog.text
+    assert torch.equal(other.backbone.body["0"][0].weight, src.backbone.body["0"][0].weight)
+
+
+def test_bad_weight_files(tmp_path):
+    with pytest.raises(WeightsError, match="weights file not found"):
+        build_detector(ModelConfig(backbone="resnet18", backbone_weights=str(tmp_path / "x.pth"), **SMALL), 2)
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightsError, match="junk.pth: cannot read weights"):
+        build_detector(ModelConfig(backbone="resnet18", weights=str(junk), **SMALL), 2)
+    unrelated = tmp_path / "unrelated.pth"
+    torch.save({"foo.weight": torch.zeros(3)}, unrelated)
+    with pytest.raises(WeightsError, match="no tensor matches the model"):
+        build_detector(ModelConfig(backbone="resnet18", weights=str(unrelated), **SMALL), 2)
+
+
+def test_geometry_left_to_data_stage():
+    det = build_detector(ModelConfig(backbone="mobilenet_v2", **SMALL), num_classes=2).eval()
+    with torch.no_grad():
+        out = det([torch.rand(3, 70, 90)])
+    images, _ = det.transform([torch.rand(3, 70, 90)])
+    assert images.image_sizes == [(70, 90)]  # not resized
+    assert out[0]["boxes"].shape[1] == 4

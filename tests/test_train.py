@@ -1,0 +1,153 @@
+"""Training: a step lowers the loss, mutual learning trains on pseudo-labels, resume is exact, torchrun works."""
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from acrst_fast.config import load_config
+from acrst_fast.data.build import load_datasets
+from acrst_fast.data.loader import TorchDataStage
+from acrst_fast.engine import checkpoint as ckpt
+from acrst_fast.engine.mean_teacher import MeanTeacher, StudentLosses
+from acrst_fast.models.detector import build_detector
+from conftest import REPO, tiny_config_dict, write_config
+
+
+def _runner(tmp_path, tiny_demo, **overrides):
+    raw = tiny_config_dict(tiny_demo, tmp_path / "run", **overrides.pop("solver", {}))
+    raw["augment"].update({"scales": [96], "flip_prob": 0.0, "jitter_prob": 0.0, "grayscale_prob": 0.0,
+                           "blur_prob": 0.0, "cutout": []})
+    cfg = load_config(write_config(tmp_path / "c.yaml", raw))
+    data = load_datasets(cfg.data)
+    torch.manual_seed(0)
+    student = build_detector(cfg.model, data.categories.num_classes)
+    opt = torch.optim.SGD([p for p in student.parameters() if p.requires_grad], lr=0.02, momentum=0.9)
+    stage = TorchDataStage(data.labeled[:2], data.unlabeled[:2], data.val, cfg.augment, 2, 2, seed=0, rank=0,
+                           world=1, num_workers=0)
+    return MeanTeacher(cfg, student, StudentLosses(student), opt, stage, torch.device("cpu"))
+
+
+def test_training_steps_lower_loss(tmp_path, tiny_demo):
+    runner = _runner(tmp_path, tiny_demo, solver={"total_steps": 30, "pretrain_steps": 30})
+    runner.start(0)
+    losses = [runner.run_step(s).total for s in range(25)]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:3]) / 3, losses
+
+
+def test_mutual_learning_step(tmp_path, tiny_demo):
+    runner = _runner(tmp_path, tiny_demo, solver={"total_steps": 4, "pretrain_steps": 1})
+    runner.cfg = runner.cfg.__class__(**{**runner.cfg.__dict__,
+                                         "mean_teacher": runner.cfg.mean_teacher.__class__(tau_cls=0.0, ema_decay=0.5)})
+    runner.start(0)
+    assert runner.run_step(0).phase == "pretrain"
+    out = runner.run_step(1)  # teacher initialised from the student here
+    assert out.phase == "mutual" and set(out.unsup) == {"loss_objectness", "loss_classifier"}
+    assert out.pseudo_per_image > 0 and out.images == 4
+    before = [p.clone() for p in runner.teacher.parameters()]
+    runner.update_teacher()
+    s, t = dict(runner.student.named_parameters()), dict(runner.teacher.named_parameters())
+    name = "roi_heads.box_predictor.cls_score.weight"
+    torch.testing.assert_close(t[name], 0.5 * before[list(t).index(name)] + 0.5 * s[name])
+    assert not any(p.requires_grad for p in runner.teacher.parameters())
+
+
+def _train_cmd(cfg_path, *extra):
+    return [sys.executable, "-m", "acrst_fast.train", str(cfg_path), *extra]
+
+
+def _final_state(run_dir: Path) -> dict:
+    return ckpt.load(ckpt.latest_checkpoint(run_dir))
+
+
+def _assert_same_state(a: dict, b: dict):
+    assert a["step"] == b["step"]
+    for part in ("student", "teacher"):
+        for k, v in a[part].items():
+            assert torch.equal(v, b[part][k]), f"{part}.{k} differs"
+    for k, v in a["optimizer"]["state"].items():
+        assert torch.equal(v["momentum_buffer"], b["optimizer"]["state"][k]["momentum_buffer"])
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_identical_weights(tmp_path, tiny_demo, cpu_env):
+    raw = tiny_config_dict(tiny_demo, tmp_path / "full", total_steps=10, pretrain_steps=4)
+    full_cfg = write_config(tmp_path / "full.yaml", raw)
+    subprocess.run(_train_cmd(full_cfg), check=True, env=cpu_env, cwd=REPO, capture_output=True, timeout=600)
+    reference = _final_state(tmp_path / "full")
+    assert reference["step"] == 10
+
+    raw["run"]["output_dir"] = str(tmp_path / "killed")
+    killed_cfg = write_config(tmp_path / "killed.yaml", raw)
+    proc = subprocess.Popen(_train_cmd(killed_cfg), env=cpu_env, cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while ckpt.latest_checkpoint(tmp_path / "killed") is None or \
+            ckpt.list_checkpoints(tmp_path / "killed")[-1][0] < 4:
+        assert proc.poll() is None and time.time() < deadline, "run ended before it could be killed"
+        time.sleep(0.05)
+    proc.kill()  # SIGKILL: no chance to clean up
+    proc.wait()
+    killed_at = ckpt.list_checkpoints(tmp_path / "killed")[-1][0]
+    assert killed_at < 10
+    for step, path in ckpt.list_checkpoints(tmp_path / "killed"):  # no partial file under a checkpoint's name
+        assert ckpt.load(path)["step"] == step
+    again = subprocess.run(_train_cmd(killed_cfg), env=cpu_env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 2 and "--resume" in again.stderr  # never overwrites a run by accident
+    subprocess.run(_train_cmd(killed_cfg, "--resume"), check=True, env=cpu_env, cwd=REPO, capture_output=True,
+                   timeout=600)
+    _assert_same_state(_final_state(tmp_path / "killed"), reference)
+    steps = [json.loads(ln)["step"] for ln in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(ln)["kind"] == "train"]
+    assert steps == list(range(1, 11))  # the log reads as one run: no step twice, none missing
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_then_resumes(tmp_path, tiny_demo, cpu_env):
+    raw = tiny_config_dict(tiny_demo, tmp_path / "a", total_steps=8, pretrain_steps=3)
+    raw["run"]["checkpoint_period"] = 100  # only the final checkpoint and the one the signal writes
+    cfg_a = write_config(tmp_path / "a.yaml", raw)
+    subprocess.run(_train_cmd(cfg_a), check=True, env=cpu_env, cwd=REPO, capture_output=True, timeout=600)
+    raw["run"]["output_dir"] = str(tmp_path / "b")
+    cfg_b = write_config(tmp_path / "b.yaml", raw)
+    proc = subprocess.Popen(_train_cmd(cfg_b), env=cpu_env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    metrics = tmp_path / "b" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.is_file() and metrics.read_text().count('"kind": "train"') >= 2):
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    stopped = ckpt.list_checkpoints(tmp_path / "b")
+    assert len(stopped) == 1 and 2 <= stopped[0][0] < 8 and "continue with --resume" in err
+    subprocess.run(_train_cmd(cfg_b, "--resume"), check=True, env=cpu_env, cwd=REPO, capture_output=True, timeout=600)
+    _assert_same_state(_final_state(tmp_path / "b"), _final_state(tmp_path / "a"))
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes(tmp_path, tiny_demo, cpu_env):
+    raw = tiny_config_dict(tiny_demo, tmp_path / "ddp", total_steps=4, pretrain_steps=2)
+    raw["eval"]["period"] = 2
+    cfg = write_config(tmp_path / "ddp.yaml", raw)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "acrst_fast.train", str(cfg)], env=cpu_env, cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "world size 2" in proc.stdout
+    run = tmp_path / "ddp"
+    summary = json.loads((run / "final_metrics.json").read_text())
+    assert summary["supervised"]["step"] == 2 and summary["teacher"]["step"] == 4
+    records = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4]  # written once, by rank 0
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert {(r["step"], r["model"]) for r in evals} == {(2, "student"), (4, "teacher"), (4, "student")}
+    state = _final_state(run)
+    assert len(state["rng"]) == 2  # both ranks' RNG states saved
+    assert not any(k.startswith("module.") for k in state["student"])  # saved unwrapped
