@@ -58,7 +58,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=[
-        "acrst_fast", "acrst_fast.data", "acrst_fast.models", "acrst_fast.engine",
+        "acrst_fast", "acrst_fast.augment", "acrst_fast.data", "acrst_fast.models", "acrst_fast.engine",
         "acrst_fast.evaluation", "acrst_fast.ops", "acrst_fast.kernels",
     ],
     package_dir={"acrst_fast.kernels": "kernels"},
@@ -73,6 +73,7 @@ setup(
         "pyyaml>=6",
         "tqdm>=4.60",
         "tensorboard>=2.14",
+        "matplotlib>=3.7",
     ],
     extras_require={"test": ["pytest>=7"]},
     entry_points={"console_scripts": ["acrst-train=acrst_fast.train:main"]},

@@ -132,10 +132,32 @@ class MeanTeacherConfig:
 
 
 @dataclass(frozen=True)
+class ACRSTConfig:
+    """CropBank, FBR, AFFR, selective supervision (paper Method; ablations of Tables 4-6 are one override each:
+    `acrst.fbr=true`, `acrst.beta=0` (FBR without AFFR), `acrst.selective_supervision=true`,
+    `acrst.banks=[pseudo]`, `acrst.n_range=[0,5]`)."""
+
+    fbr: bool = False  # paste CropBank instances into the student's images (labeled and unlabeled)
+    beta: float = 0.6  # AFFR: mu_k ~ (1 / PR_k)^beta; 0 = uniform class sampling (FBR alone)
+    selective_supervision: bool = False  # unlabeled regression losses on pasted instances only (Eq. 10)
+    banks: list[str] = field(default_factory=lambda: ["labeled", "pseudo"])
+    n_range: list[int] = field(default_factory=lambda: [0, 10])  # [N_min, N_max] instances per image
+    scale_range: list[float] = field(default_factory=lambda: [0.5, 1.5])  # pasted size / size in the bank
+    flip_prob: float = 0.5
+    min_size: int = 4  # pixels; smaller (clipped) pastes are skipped
+    visibility_threshold: float = 0.0  # remove boxes with visible fraction <= this (0: fully occluded only)
+    crop_size: int = 64  # crops are stored at crop_size x crop_size
+    capacity_per_class: int = 256  # per sub-bank and class: the fixed memory budget
+    pr_window: int = 200  # steps over which Pseudo Recall is accumulated
+    pr_threshold: float = 0.1
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     period: int = 5000  # steps between evaluations; the last step is always evaluated
     teacher: bool = True
     student: bool = True
+    report: bool = True  # refresh RUN_DIR/report/ (figures + report.md) after each evaluation
 
 
 @dataclass(frozen=True)
@@ -156,6 +178,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     solver: SolverConfig = field(default_factory=SolverConfig)
     mean_teacher: MeanTeacherConfig = field(default_factory=MeanTeacherConfig)
+    acrst: ACRSTConfig = field(default_factory=ACRSTConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
@@ -311,6 +334,16 @@ def _check_values(cfg: Config, source: str) -> None:
     need(all(len(c) == 3 for c in a.cutout), "augment.cutout", "entries must be [prob, min_area, max_area]")
     need(cfg.run.device in ("auto", "cpu", "cuda"), "run.device", "must be auto, cpu or cuda")
     need(0.0 <= cfg.data.split_percent <= 100.0, "data.split_percent", "must be in [0, 100]")
+    r = cfg.acrst
+    need(len(r.n_range) == 2 and 0 <= r.n_range[0] <= r.n_range[1], "acrst.n_range", "must be [N_min, N_max], 0 <= N_min <= N_max")
+    need(len(r.scale_range) == 2 and 0 < r.scale_range[0] <= r.scale_range[1], "acrst.scale_range",
+         "must be [min, max] with 0 < min <= max")
+    need(len(r.banks) > 0 and set(r.banks) <= {"labeled", "pseudo"}, "acrst.banks",
+         f"must be a non-empty subset of [labeled, pseudo]; got {r.banks}")
+    need(r.beta >= 0, "acrst.beta", "must be >= 0")
+    need(0.0 <= r.visibility_threshold < 1.0, "acrst.visibility_threshold", "must be in [0, 1)")
+    need(r.crop_size >= 2 and r.capacity_per_class >= 1 and r.pr_window >= 1, "acrst.crop_size",
+         "crop_size >= 2, capacity_per_class >= 1 and pr_window >= 1 are required")
     d = cfg.data
     need(bool(d.val_json), "data.val_json", "must be set")
     need(bool(d.train_json), "data.train_json", "must be set")

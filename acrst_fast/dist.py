@@ -6,6 +6,7 @@ without a GPU. Launch multi-process runs with `torchrun`.
 from __future__ import annotations
 
 import os
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,9 +55,18 @@ def barrier() -> None:
 
 def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
     """Mean over ranks of a dict of floats (same keys on every rank)."""
-    if not td.is_initialized() or not values:
+    if not td.is_initialized():
         return dict(values)
     keys = sorted(values)
+    # every rank must reduce the same keys, or values would be summed under the wrong names
+    crc = torch.tensor([zlib.crc32("\n".join(keys).encode())], dtype=torch.int64)
+    lo, hi = crc.clone(), crc.clone()
+    td.all_reduce(lo, op=td.ReduceOp.MIN)
+    td.all_reduce(hi, op=td.ReduceOp.MAX)
+    if lo.item() != hi.item():
+        raise RuntimeError(f"rank {td.get_rank()}: metric keys differ between ranks; this rank has {keys}")
+    if not keys:
+        return {}
     t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
     td.all_reduce(t)
     return {k: float(v) / td.get_world_size() for k, v in zip(keys, t.tolist())}

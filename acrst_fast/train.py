@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import signal
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from acrst_fast import dist
+from acrst_fast.augment import ACRST, PasteConfig
 from acrst_fast.config import Config, ConfigError, check_paths, config_to_dict, dump_config, load_config
 from acrst_fast.data.build import load_datasets, prepare_data, resolved_data
 from acrst_fast.data.coco import DataError
@@ -76,6 +78,12 @@ def run(cfg: Config, source: str, resume: bool, info: dist.DistInfo) -> dict:
     echo(f"[data] {len(datasets.labeled)} labeled, {len(datasets.unlabeled)} unlabeled, {len(datasets.val)} val "
          f"images; {datasets.categories.num_classes} classes; world size {info.world}, device {info.device}")
 
+    if info.is_main:  # what the report needs when the dataset is not at hand
+        counts = class_counts(datasets.labeled, datasets.categories.num_classes)
+        (run_dir / "dataset_stats.json").write_text(json.dumps({
+            "classes": list(datasets.categories.names), "labeled_class_counts": [int(c) for c in counts],
+            "num_labeled": len(datasets.labeled), "num_unlabeled": len(datasets.unlabeled),
+            "num_val": len(datasets.val)}, indent=1))
     torch.manual_seed(cfg.run.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
     student = build_detector(cfg.model, datasets.categories.num_classes).to(info.device)
     torch.manual_seed(cfg.run.seed + 1000 * info.rank)  # per-rank streams for the RoI/RPN samplers
@@ -85,12 +93,24 @@ def run(cfg: Config, source: str, resume: bool, info: dist.DistInfo) -> dict:
     losses = StudentLosses(student)
     if info.world > 1:
         losses = DistributedDataParallel(losses, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
+    batch_labeled = _per_rank(cfg.solver.batch_labeled, info.world, "solver.batch_labeled", source)
     stage = TorchDataStage(
-        datasets.labeled, datasets.unlabeled, datasets.val, cfg.augment,
-        batch_labeled=_per_rank(cfg.solver.batch_labeled, info.world, "solver.batch_labeled", source),
+        datasets.labeled, datasets.unlabeled, datasets.val, cfg.augment, batch_labeled=batch_labeled,
         batch_unlabeled=_per_rank(cfg.solver.batch_unlabeled, info.world, "solver.batch_unlabeled", source),
-        seed=cfg.run.seed, rank=info.rank, world=info.world, num_workers=cfg.data.num_workers)
-    runner = MeanTeacher(cfg, student, losses, optimizer, stage, info.device)
+        seed=cfg.run.seed, rank=info.rank, world=info.world, num_workers=cfg.data.num_workers,
+        labeled_views=("weak", "strong") if cfg.acrst.fbr else ("strong",))
+    acrst = build_acrst(cfg, datasets.categories.num_classes, info.device) if cfg.acrst.fbr else None
+    shard = math.ceil(len(datasets.labeled) / info.world)
+    runner = MeanTeacher(cfg, student, losses, optimizer, stage, info.device, acrst=acrst,
+                         labeled_bank_steps=math.ceil(shard / batch_labeled),
+                         class_names=datasets.categories.names,
+                         gt_class_counts=class_counts(datasets.labeled, datasets.categories.num_classes),
+                         rank=info.rank, world=info.world,
+                         hidden_gt=any(len(r.boxes) for r in datasets.unlabeled))
+    if acrst is not None:
+        echo(f"[acrst] CropBank {acrst.bank.nbytes / 2**20:.1f} MiB on {info.device}; banks {cfg.acrst.banks}, "
+             f"N in {cfg.acrst.n_range}, beta {cfg.acrst.beta}, selective supervision "
+             f"{'on' if cfg.acrst.selective_supervision else 'off'}")
 
     start_step, history = 0, []
     if resume and existing is not None:
@@ -102,12 +122,13 @@ def run(cfg: Config, source: str, resume: bool, info: dist.DistInfo) -> dict:
     writer = MetricsWriter(run_dir, enabled=info.is_main, resume_step=start_step if resume else None)
     evaluator = Evaluator(data_cfg.val_json, datasets.categories)
     lr_hook = LRScheduleHook(runner, cfg.solver)
+    refresh = (lambda: refresh_report(run_dir)) if (cfg.eval.report and info.is_main) else None
     eval_hook = EvalHook(runner, lambda model: evaluator(model, stage.val(), info.device), writer,
-                         cfg.eval.period, total, cfg.eval.teacher, cfg.eval.student, echo)
+                         cfg.eval.period, total, cfg.eval.teacher, cfg.eval.student, echo, after_eval=refresh)
     eval_hook.history = history
     hooks = [lr_hook, EMAHook(runner), eval_hook,
              CheckpointHook(runner, run_dir, cfg.run.checkpoint_period, cfg.run.keep_checkpoints, total,
-                            info.is_main, eval_hook, config_to_dict(cfg)),
+                            info.rank, eval_hook, config_to_dict(cfg)),
              LoggingHook(writer, lr_hook, cfg.run.log_period, total, cfg.run.progress_bar)]
     trainer = Trainer(runner.run_step, hooks, start_step, total)
     _install_stop_handler(trainer)
@@ -118,8 +139,37 @@ def run(cfg: Config, source: str, resume: bool, info: dist.DistInfo) -> dict:
     summary = summarize(eval_hook.history, datasets.categories.names)
     if info.is_main:
         (run_dir / "final_metrics.json").write_text(json.dumps(summary, indent=2))
+        if cfg.eval.report:
+            refresh_report(run_dir)  # again, now with final_metrics.json
         echo(format_summary(summary, run_dir))
     return summary
+
+
+def refresh_report(run_dir: Path) -> None:
+    """Rewrite the run report; a failure is reported and training goes on."""
+    from acrst_fast.report import write_report
+
+    try:
+        write_report(run_dir)
+    except Exception as exc:  # noqa: BLE001 - the report must never stop training
+        log.warning("run report not refreshed: %s: %s", type(exc).__name__, exc)
+
+
+def build_acrst(cfg: Config, num_classes: int, device: torch.device) -> ACRST:
+    a = cfg.acrst
+    paste = PasteConfig(n_min=a.n_range[0], n_max=a.n_range[1], scale_min=a.scale_range[0],
+                        scale_max=a.scale_range[1], flip_prob=a.flip_prob, min_size=a.min_size,
+                        visibility_threshold=a.visibility_threshold)
+    return ACRST(num_classes, capacity=a.capacity_per_class, crop_size=a.crop_size, paste=paste, beta=a.beta,
+                 pr_window=a.pr_window, pr_threshold=a.pr_threshold, sources=tuple(a.banks), device=device)
+
+
+def class_counts(records, num_classes: int) -> torch.Tensor:
+    """Ground-truth boxes per class (Tensor[K] float64) over the labeled records."""
+    counts = torch.zeros(num_classes, dtype=torch.float64)
+    for r in records:
+        counts.index_add_(0, torch.from_numpy(r.labels) - 1, torch.ones(len(r.labels), dtype=torch.float64))
+    return counts
 
 
 def summarize(history: list[dict], class_names: tuple[str, ...]) -> dict:
@@ -146,6 +196,8 @@ def format_summary(summary: dict, run_dir: Path) -> str:
         if m:
             lines.append(f"{label:<28}{m['step']:>8}{m['AP']:>9.2f}{m['AP50']:>9.2f}{m['voc_AP50']:>10.2f}")
     lines += ["=" * 64, f"run folder: {run_dir}  (metrics.jsonl, tensorboard/, final_metrics.json)"]
+    if (run_dir / "report" / "report.md").is_file():
+        lines.append(f"report: {run_dir / 'report' / 'report.md'}  (refresh: python -m acrst_fast.report {run_dir})")
     return "\n".join(lines)
 
 

@@ -15,7 +15,11 @@ from acrst_fast.data.loader import TorchDataStage
 from acrst_fast.engine import checkpoint as ckpt
 from acrst_fast.engine.mean_teacher import MeanTeacher, StudentLosses
 from acrst_fast.models.detector import build_detector
-from conftest import REPO, tiny_config_dict, write_config
+from conftest import REPO, run_group, tiny_config_dict, write_config
+
+
+ACRST_ON = {"fbr": True, "selective_supervision": True, "n_range": [1, 4], "capacity_per_class": 8,
+            "crop_size": 16, "pr_window": 5}
 
 
 def _runner(tmp_path, tiny_demo, **overrides):
@@ -135,10 +139,11 @@ def test_sigterm_checkpoints_then_resumes(tmp_path, tiny_demo, cpu_env):
 def test_torchrun_two_processes(tmp_path, tiny_demo, cpu_env):
     raw = tiny_config_dict(tiny_demo, tmp_path / "ddp", total_steps=4, pretrain_steps=2)
     raw["eval"]["period"] = 2
+    raw["acrst"] = ACRST_ON  # with ACRST: PR is all-reduced, each rank checkpoints its own CropBank
+    raw["mean_teacher"]["tau_cls"] = 0.0
     cfg = write_config(tmp_path / "ddp.yaml", raw)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "acrst_fast.train", str(cfg)], env=cpu_env, cwd=REPO, capture_output=True, text=True,
-                          timeout=600)
+    proc = run_group([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                      "-m", "acrst_fast.train", str(cfg)], env=cpu_env, cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "world size 2" in proc.stdout
     run = tmp_path / "ddp"
@@ -151,3 +156,36 @@ def test_torchrun_two_processes(tmp_path, tiny_demo, cpu_env):
     state = _final_state(run)
     assert len(state["rng"]) == 2  # both ranks' RNG states saved
     assert not any(k.startswith("module.") for k in state["student"])  # saved unwrapped
+    parts = [ckpt.load(ckpt.rank_state_path(run, 4, r))["acrst"] for r in (0, 1)]
+    assert torch.equal(parts[0]["recall"]["history"], parts[1]["recall"]["history"])  # same mu on every rank
+    assert parts[0]["recall"]["history"].sum() > 0
+    assert not torch.equal(parts[0]["bank"]["pixels"], parts[1]["bank"]["pixels"])  # banks of different shards
+
+
+
+@pytest.mark.slow
+def test_acrst_run_resumes_to_identical_weights_and_bank(tmp_path, tiny_demo, cpu_env):
+    raw = tiny_config_dict(tiny_demo, tmp_path / "full", total_steps=8, pretrain_steps=3)
+    raw["acrst"] = ACRST_ON
+    raw["mean_teacher"]["tau_cls"] = 0.0  # pseudo-labels from a barely trained teacher: exercise the Pseudo bank
+    full = write_config(tmp_path / "full.yaml", raw)
+    subprocess.run(_train_cmd(full), check=True, env=cpu_env, cwd=REPO, capture_output=True, timeout=600)
+    raw["run"]["output_dir"] = str(tmp_path / "split")
+    raw["solver"]["total_steps"] = 5  # stop after step 5 (a checkpoint), then continue to 8
+    first = write_config(tmp_path / "first.yaml", raw)
+    subprocess.run(_train_cmd(first), check=True, env=cpu_env, cwd=REPO, capture_output=True, timeout=600)
+    raw["solver"]["total_steps"] = 8
+    second = write_config(tmp_path / "second.yaml", raw)
+    proc = subprocess.run(_train_cmd(second, "--resume"), env=cpu_env, cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    _assert_same_state(_final_state(tmp_path / "split"), _final_state(tmp_path / "full"))
+    a = ckpt.load(ckpt.rank_state_path(tmp_path / "full", 8, 0))["acrst"]
+    b = ckpt.load(ckpt.rank_state_path(tmp_path / "split", 8, 0))["acrst"]
+    assert torch.equal(a["bank"]["pixels"], b["bank"]["pixels"]) and torch.equal(a["bank"]["seen"], b["bank"]["seen"])
+    assert torch.equal(a["recall"]["history"], b["recall"]["history"])
+    assert a["bank"]["seen"][1].sum() > 0  # pseudo-labels reached the Pseudo bank
+    records = [json.loads(ln) for ln in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in records if r["kind"] == "train"][-1]
+    assert last["acrst/pasted_per_image_labeled"] >= 1 and "acrst/mu/circle" in last
+    assert "unsup/loss_box_reg" in last  # selective supervision adds the regression terms

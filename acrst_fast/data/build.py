@@ -46,9 +46,8 @@ def prepare_data(cfg: Config) -> None:
 def load_datasets(d: DataConfig) -> Datasets:
     """Read and validate labeled, unlabeled and validation records (`d` as given by `resolved_data`)."""
     labeled, categories = load_coco_records(d.train_json, d.train_images)
-    if d.unlabeled_json:
-        unlabeled, _ = load_coco_records(d.unlabeled_json, d.unlabeled_images or d.train_images, categories,
-                                         with_boxes=False)
+    if d.unlabeled_json:  # its boxes, if any, are hidden ground truth: pseudo-label metrics only, never targets
+        unlabeled, _ = load_coco_records(d.unlabeled_json, d.unlabeled_images or d.train_images, categories)
     elif d.unlabeled_images:
         unlabeled = load_folder_records(d.unlabeled_images)
     else:

@@ -32,7 +32,9 @@ class Batch:
     """A batch of images as the detector consumes them (lists: sizes differ per image).
 
     weak / strong: list of Tensor[3, H, W] float in [0, 1] (a view is [] when not produced);
-    boxes: list of Tensor[N_i, 4] (x1, y1, x2, y2), view pixels; labels: list of Tensor[N_i] int64 1..K;
+    boxes: list of Tensor[N_i, 4] (x1, y1, x2, y2), view pixels; labels: list of Tensor[N_i] int64 1..K.
+    In unlabeled batches boxes/labels are the hidden ground truth (empty where the data has none):
+    for pseudo-label quality metrics only, never training targets.
     geometry: how each view was made from its original image (to map boxes back for evaluation).
     """
 
@@ -52,8 +54,8 @@ class Batch:
 
 
 class DataStage(Protocol):
-    def labeled(self, start_step: int) -> Iterator[Batch]: ...  # strong view + ground truth
-    def unlabeled(self, start_step: int) -> Iterator[Batch]: ...  # weak + strong views, no boxes
+    def labeled(self, start_step: int) -> Iterator[Batch]: ...  # strong (+ weak if asked) view + ground truth
+    def unlabeled(self, start_step: int) -> Iterator[Batch]: ...  # weak + strong views; boxes: hidden GT only
     def val(self) -> Iterator[Batch]: ...  # weak view at test scale; this rank's shard only
 
 
@@ -169,10 +171,11 @@ class TorchDataStage:
 
     def __init__(self, labeled: list[ImageRecord], unlabeled: list[ImageRecord], val: list[ImageRecord],
                  aug: AugmentConfig, batch_labeled: int, batch_unlabeled: int, seed: int, rank: int, world: int,
-                 num_workers: int, val_batch: int = 4):
+                 num_workers: int, val_batch: int = 4, labeled_views: tuple[str, ...] = ("strong",)):
+        """labeled_views: ("weak", "strong") when something (the CropBank) needs the labeled weak view."""
         self.sets = {
-            STREAM_LABELED: DetectionViews(labeled, aug, ("strong",), train=True, with_boxes=True),
-            STREAM_UNLABELED: DetectionViews(unlabeled, aug, ("weak", "strong"), train=True, with_boxes=False),
+            STREAM_LABELED: DetectionViews(labeled, aug, labeled_views, train=True, with_boxes=True),
+            STREAM_UNLABELED: DetectionViews(unlabeled, aug, ("weak", "strong"), train=True, with_boxes=True),
             STREAM_VAL: DetectionViews(val, aug, ("weak",), train=False, with_boxes=True),
         }
         self.batch = {STREAM_LABELED: batch_labeled, STREAM_UNLABELED: batch_unlabeled, STREAM_VAL: val_batch}

@@ -1,7 +1,8 @@
 """Checkpoints: written atomically, found again on resume.
 
 A checkpoint is one file `ckpt_{step:08d}.pt` (student, teacher, optimizer, step, RNG states,
-and whatever else the caller puts in). It is written to a temporary file in the same folder,
+and whatever else the caller puts in), plus one `ckpt_{step:08d}.rank{r}.pt` per rank for state
+each rank owns (its CropBank), written before the main file. It is written to a temporary file in the same folder,
 flushed to disk, then renamed over its final name, so a run killed mid-write leaves either the
 old set of checkpoints or the new one, never a partial file under a checkpoint's name. The
 newest complete checkpoint is the one with the highest step.
@@ -22,6 +23,11 @@ _NAME = re.compile(r"^ckpt_(\d{8})\.pt$")
 
 def checkpoint_path(run_dir: str | Path, step: int) -> Path:
     return Path(run_dir) / f"ckpt_{step:08d}.pt"
+
+
+def rank_state_path(run_dir: str | Path, step: int, rank: int) -> Path:
+    """A rank's own part of checkpoint `step` (its CropBank), beside the main file."""
+    return Path(run_dir) / f"ckpt_{step:08d}.rank{rank}.pt"
 
 
 def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
@@ -56,8 +62,11 @@ def atomic_save(obj: Any, path: str | Path) -> None:
 
 
 def prune(run_dir: str | Path, keep: int) -> None:
-    for _, p in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+    """Delete all but the newest `keep` checkpoints, with their per-rank parts."""
+    for step, p in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         p.unlink(missing_ok=True)
+        for part in Path(run_dir).glob(f"ckpt_{step:08d}.rank*.pt"):
+            part.unlink(missing_ok=True)
 
 
 def rng_state() -> dict:

@@ -134,8 +134,15 @@ class LoggingHook(HookBase):
             for o in self._window:
                 for k, v in getattr(o, group).items():
                     local[f"{group}/{k}"] = local.get(f"{group}/{k}", 0.0) + v / n
-        for part in ("data", "teacher", "student"):
+        for part in ("data", "teacher", "acrst", "student"):
             local[f"time/{part}"] = sum(o.seconds.get(part, 0.0) for o in self._window) / n
+        extra_sum: dict[str, float] = {}
+        extra_n: dict[str, int] = {}
+        for o in self._window:
+            for k, v in o.extras.items():
+                extra_sum[k] = extra_sum.get(k, 0.0) + v
+                extra_n[k] = extra_n.get(k, 0) + 1
+        local.update({k: v / extra_n[k] for k, v in extra_sum.items()})
         avg = dist.all_reduce_mean(local)
         avg["images_per_s"] *= dist.world_size()  # summed over ranks
         record = {"kind": "train", "step": step, "phase": self._window[-1].phase, "lr": self.lr_hook.lr, **avg}
@@ -145,6 +152,8 @@ class LoggingHook(HookBase):
             post = {"loss": f"{avg['total']:.3f}", "img/s": f"{avg['images_per_s']:.1f}", "phase": record["phase"]}
             if "unsup/loss_classifier" in avg:
                 post["pl/img"] = f"{avg['pseudo_per_image']:.2f}"
+            if "acrst/pasted_per_image_labeled" in avg:
+                post["paste/img"] = f"{avg['acrst/pasted_per_image_labeled']:.1f}"
             self.bar.set_postfix(post, refresh=False)
         self._window.clear()
         self._t0 = time.perf_counter()
@@ -164,9 +173,11 @@ class EvalHook(HookBase):
     """
 
     def __init__(self, runner: MeanTeacher, evaluate: Callable, writer: MetricsWriter, period: int, total: int,
-                 teacher: bool, student: bool, echo: Callable[[str], None]):
+                 teacher: bool, student: bool, echo: Callable[[str], None],
+                 after_eval: Callable[[], None] | None = None):
         self.runner, self.evaluate, self.writer = runner, evaluate, writer
         self.period, self.total, self.teacher, self.student, self.echo = period, total, teacher, student, echo
+        self.after_eval = after_eval  # e.g. refresh the run report (rank 0)
         self.history: list[dict] = []
 
     def due(self, step: int) -> bool:
@@ -193,6 +204,8 @@ class EvalHook(HookBase):
             self.writer.write(entry, {f"eval/{name}/{k}": m[k] for k in ("AP", "AP50", "voc_AP50")})
             self.echo(f"[eval] step {step} {name} ({entry['stage']}): AP {m['AP']:.2f}  AP50 {m['AP50']:.2f}  "
                       f"VOC AP50 {m['voc_AP50']:.2f}  ({m['num_detections']} detections)")
+        if self.after_eval is not None:
+            self.after_eval()
 
 
 class CheckpointHook(HookBase):
@@ -202,13 +215,18 @@ class CheckpointHook(HookBase):
     rank's RNG states, evaluation history.
     """
 
-    def __init__(self, runner: MeanTeacher, run_dir: Path, period: int, keep: int, total: int, is_main: bool,
+    def __init__(self, runner: MeanTeacher, run_dir: Path, period: int, keep: int, total: int, rank: int,
                  eval_hook: EvalHook | None, config: dict):
         self.runner, self.run_dir, self.period, self.keep, self.total = runner, run_dir, period, keep, total
-        self.is_main, self.eval_hook, self.config = is_main, eval_hook, config
+        self.rank, self.is_main, self.eval_hook, self.config = rank, rank == 0, eval_hook, config
 
     def save(self, step: int) -> None:
-        rngs = dist.gather_to_main(ckpt.rng_state())
+        """Each rank writes its own state (its CropBank) first; rank 0 writes the main file last, so a
+        main file on disk means every rank's part of that checkpoint is complete."""
+        if self.runner.acrst is not None:
+            ckpt.atomic_save({"step": step, "acrst": self.runner.acrst.state_dict()},
+                             ckpt.rank_state_path(self.run_dir, step, self.rank))
+        rngs = dist.gather_to_main(ckpt.rng_state())  # also a barrier: every rank's part is on disk
         if not self.is_main:
             return
         state = {
@@ -241,4 +259,11 @@ def restore(runner: MeanTeacher, path: Path, rank: int) -> tuple[int, list[dict]
     runner.optimizer.load_state_dict(state["optimizer"])
     rngs = state["rng"]
     ckpt.set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
-    return int(state["step"]), list(state.get("eval_history", []))
+    step = int(state["step"])
+    if runner.acrst is not None:
+        part = ckpt.rank_state_path(path.parent, step, rank)
+        if not part.is_file():
+            raise RuntimeError(f"{path}: this rank's ACRST state {part.name} is missing (was the run started "
+                               "without acrst.fbr, or with fewer processes?)")
+        runner.acrst.load_state_dict(ckpt.load(part)["acrst"])
+    return step, list(state.get("eval_history", []))

@@ -8,6 +8,12 @@ are pseudo-labels for the student on the strong view (same geometry, so boxes ca
     L = L_sup + lambda_unsup * L_unsup
     L_sup   = RPN cls + RPN reg + RoI cls + RoI reg on labeled images          (Eq. 4)
     L_unsup = RPN cls + RoI cls on unlabeled images with pseudo-labels         (Eq. 5)
+            + RPN reg + RoI reg on pasted instances only, with selective supervision (Eq. 10)
+
+With ACRST (`acrst.fbr`), every student image (labeled and unlabeled strong views) gets CropBank
+instances pasted in (FBR), sampled by class with mu from Pseudo Recall (AFFR). The Labeled bank
+is filled from the labeled weak views during the first pass over this rank's labeled shard; the
+Pseudo bank from the kept pseudo-labels on the unlabeled weak views, every mutual step.
 """
 from __future__ import annotations
 
@@ -19,12 +25,15 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from acrst_fast.augment import ACRST
 from acrst_fast.config import Config
-from acrst_fast.data.loader import Batch, DataStage
+from acrst_fast.data.loader import Batch, DataStage, sample_seed
 from acrst_fast.engine.ema import ema_update
+from acrst_fast.ops import box_iou_ref
 
 SUP_LOSS_TERMS = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg")
 UNSUP_LOSS_TERMS = ("loss_objectness", "loss_classifier")  # classification terms only (Eq. 5)
+SELECTIVE_REG_TERMS = ("loss_rpn_box_reg", "loss_box_reg")  # added with selective supervision (Eq. 10)
 PHASE_PRETRAIN, PHASE_MUTUAL = "pretrain", "mutual"
 
 
@@ -39,6 +48,7 @@ class StepOutput:
     images: int
     pseudo_per_image: float = 0.0
     seconds: dict[str, float] = field(default_factory=dict)
+    extras: dict[str, float] = field(default_factory=dict)  # ACRST diagnostics, averaged by the logger
 
 
 class StudentLosses(nn.Module):
@@ -59,6 +69,28 @@ class StudentLosses(nn.Module):
         return sup, unsup
 
 
+def match_counts(pseudo: list[dict[str, torch.Tensor]], gt_boxes: list[torch.Tensor], gt_labels: list[torch.Tensor],
+                 iou: float = 0.5) -> tuple[int, int, int]:
+    """(true positives, pseudo-labels, ground truths): one-to-one, class-aware matching at IoU >= `iou`,
+    pseudo-labels taken by decreasing score. Precision = tp / pseudo-labels, recall = tp / ground truths."""
+    tp = n_pl = n_gt = 0
+    for p, gb, gl in zip(pseudo, gt_boxes, gt_labels):
+        gb, gl = gb.to(p["boxes"].device), gl.to(p["boxes"].device)
+        n_pl, n_gt = n_pl + len(p["boxes"]), n_gt + len(gb)
+        if len(p["boxes"]) == 0 or len(gb) == 0:
+            continue
+        ious = box_iou_ref(p["boxes"].float(), gb.float())
+        ious[p["labels"][:, None] != gl[None, :]] = 0.0
+        used = torch.zeros(len(gb), dtype=torch.bool, device=gb.device)
+        for i in torch.argsort(p["scores"], descending=True).tolist():
+            cand = ious[i].masked_fill(used, 0.0)
+            j = int(torch.argmax(cand))
+            if cand[j] >= iou:
+                used[j] = True
+                tp += 1
+    return tp, n_pl, n_gt
+
+
 def filter_pseudo_labels(predictions: list[dict[str, torch.Tensor]], tau_cls: float) -> list[dict[str, torch.Tensor]]:
     """Keep teacher predictions with score >= tau_cls. Each dict: boxes Tensor[N, 4], labels Tensor[N], scores Tensor[N]."""
     out = []
@@ -77,9 +109,18 @@ class MeanTeacher:
     """
 
     def __init__(self, cfg: Config, student: nn.Module, student_losses: nn.Module, optimizer: torch.optim.Optimizer,
-                 data: DataStage, device: torch.device):
+                 data: DataStage, device: torch.device, acrst: ACRST | None = None, labeled_bank_steps: int = 0,
+                 class_names: tuple[str, ...] = (), gt_class_counts: torch.Tensor | None = None,
+                 rank: int = 0, world: int = 1, hidden_gt: bool = False):
+        """acrst: None for plain Mean Teacher. labeled_bank_steps: steps during which labeled ground
+        truths are offered to the Labeled bank (one pass over this rank's shard). hidden_gt: the
+        unlabeled data carries ground truth (same on every rank): log pseudo-label precision/recall."""
         self.cfg, self.student, self.student_losses = cfg, student, student_losses
         self.optimizer, self.data, self.device = optimizer, data, device
+        self.acrst, self.labeled_bank_steps = acrst, labeled_bank_steps
+        self.class_names, self.gt_class_counts = class_names, gt_class_counts
+        self.rank, self.world, self.hidden_gt = rank, world, hidden_gt
+        self.selective = acrst is not None and cfg.acrst.selective_supervision
         self.teacher = copy.deepcopy(student).eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
@@ -99,13 +140,17 @@ class MeanTeacher:
     def _to(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
         return [im.to(self.device, non_blocking=True) for im in images]
 
+    def _generator(self, step: int, purpose: int) -> torch.Generator:
+        """Randomness of ACRST for (step, purpose) on this rank: the same after a resume."""
+        return torch.Generator().manual_seed(sample_seed(self.cfg.run.seed, 100 + purpose, step * self.world + self.rank))
+
     def run_step(self, step: int) -> StepOutput:
         t0 = time.perf_counter()
         if self._labeled is None:
             self.start(step)
         lab = next(self._labeled)
         lab_images, lab_targets = self._to(lab.strong), lab.targets(self.device)
-        unl_images, pseudo, n_unl = None, None, 0
+        unl_images, unl_targets, pseudo, n_unl = None, None, None, 0
         t_data = time.perf_counter()
         if self.phase(step) == PHASE_MUTUAL:
             if step == self.pretrain_steps:
@@ -114,18 +159,43 @@ class MeanTeacher:
                 self._unlabeled = self.data.unlabeled(step - self.pretrain_steps)
             unl = next(self._unlabeled)
             t_data = time.perf_counter()
+            weak = self._to(unl.weak)
             with torch.no_grad():
-                predictions = self.teacher(self._to(unl.weak))
+                predictions = self.teacher(weak)
             pseudo = filter_pseudo_labels(predictions, self.cfg.mean_teacher.tau_cls)
+            if self.acrst is not None:
+                self.acrst.observe_teacher(weak, predictions, pseudo, self._generator(step, 0))
             unl_images, n_unl = self._to(unl.strong), len(unl)
+            unl_targets = [{"boxes": p["boxes"], "labels": p["labels"]} for p in pseudo]
         t_teacher = time.perf_counter()
 
+        extras: dict[str, float] = {}
+        if pseudo is not None and self.hidden_gt:  # pseudo-label quality against the hidden ground truth
+            tp, n_pl, n_gt = match_counts(pseudo, unl.boxes, unl.labels)
+            extras.update({"pseudo/tp": float(tp), "pseudo/num_pseudo": float(n_pl), "pseudo/num_hidden_gt": float(n_gt)})
+        if pseudo is not None:  # pseudo-label class histogram (report: GT vs pseudo-label distribution)
+            kept = torch.cat([p["labels"] for p in pseudo]).cpu()
+            for name, c in zip(self.class_names, torch.bincount(kept, minlength=len(self.class_names) + 1)[1:].tolist()):
+                extras[f"pseudo/count/{name}"] = float(c)
+        if self.acrst is not None:
+            if step < self.labeled_bank_steps:
+                self.acrst.add_ground_truth(self._to(lab.weak), [t["boxes"] for t in lab_targets],
+                                            [t["labels"] for t in lab_targets], self._generator(step, 1))
+            lab_targets, pasted_lab = self._rebalance(lab_images, lab_targets, self._generator(step, 2), labeled=True)
+            extras["acrst/pasted_per_image_labeled"] = pasted_lab
+            if unl_images is not None:
+                unl_targets, pasted_unl = self._rebalance(unl_images, unl_targets, self._generator(step, 3),
+                                                          labeled=False)
+                extras["acrst/pasted_per_image_unlabeled"] = pasted_unl
+            extras.update(self._diagnostics())
+        t_paste = time.perf_counter()
+
         self.student.train()
-        targets = [{"boxes": p["boxes"], "labels": p["labels"]} for p in pseudo] if pseudo is not None else None
-        sup, unsup = self.student_losses(lab_images, lab_targets, unl_images, targets)
+        sup, unsup = self.student_losses(lab_images, lab_targets, unl_images, unl_targets)
+        unsup_terms = UNSUP_LOSS_TERMS + (SELECTIVE_REG_TERMS if self.selective else ())
         loss = sum(sup[k] for k in SUP_LOSS_TERMS)
         if unsup:
-            loss = loss + self.cfg.mean_teacher.lambda_unsup * sum(unsup[k] for k in UNSUP_LOSS_TERMS)
+            loss = loss + self.cfg.mean_teacher.lambda_unsup * sum(unsup[k] for k in unsup_terms)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"step {step}: loss is {loss.item()} "
                                      f"(sup {({k: float(v) for k, v in sup.items()})}, "
@@ -139,12 +209,36 @@ class MeanTeacher:
         return StepOutput(
             phase=self.phase(step),
             sup={k: float(sup[k].detach()) for k in SUP_LOSS_TERMS},
-            unsup={k: float(unsup[k].detach()) for k in UNSUP_LOSS_TERMS} if unsup else {},
+            unsup={k: float(unsup[k].detach()) for k in unsup_terms} if unsup else {},
             total=float(loss.detach()),
             images=len(lab) + n_unl,
             pseudo_per_image=(sum(len(p["boxes"]) for p in pseudo) / max(1, n_unl)) if pseudo is not None else 0.0,
-            seconds={"data": t_data - t0, "teacher": t_teacher - t_data, "student": t_end - t_teacher},
+            seconds={"data": t_data - t0, "teacher": t_teacher - t_data, "acrst": t_paste - t_teacher,
+                     "student": t_end - t_paste},
+            extras=extras,
         )
+
+    def _rebalance(self, images: list[torch.Tensor], targets: list[dict], gen: torch.Generator,
+                   labeled: bool) -> tuple[list[dict], float]:
+        """Paste bank instances into `images` in place; targets gain the pasted boxes (and, on unlabeled
+        images with selective supervision, `reg_weight`: 1 for pasted boxes, 0 for pseudo-labels)."""
+        _, boxes, labels, pasted = self.acrst.rebalance(images, [t["boxes"] for t in targets],
+                                                        [t["labels"] for t in targets], gen)
+        out = []
+        for b, lab, p in zip(boxes, labels, pasted):
+            t = {"boxes": b, "labels": lab}
+            if not labeled and self.selective:
+                t["reg_weight"] = p.float()
+            out.append(t)
+        return out, self.acrst.last_pasted_per_image
+
+    def _diagnostics(self) -> dict[str, float]:
+        d = self.acrst.diagnostics(self.gt_class_counts)
+        out = {"acrst/kl_gt_pl": float(d["kl_gt_pl"])} if "kl_gt_pl" in d else {}
+        for key in ("pr", "mu", "bank_labeled", "bank_pseudo", "pl_hist"):
+            for name, v in zip(self.class_names, d[key].tolist()):
+                out[f"acrst/{key}/{name}"] = float(v)
+        return out
 
     def update_teacher(self) -> None:
         ema_update(self.teacher, self.student, self.cfg.mean_teacher.ema_decay)

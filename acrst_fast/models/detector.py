@@ -28,6 +28,7 @@ from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from acrst_fast.config import ModelConfig
+from acrst_fast.models.weighted_heads import enable_box_weights
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +156,7 @@ def build_detector(cfg: ModelConfig, num_classes: int) -> FasterRCNN:
         box_score_thresh=cfg.box_score_thresh,
         box_detections_per_img=cfg.box_detections_per_img,
     )
+    enable_box_weights(model)  # per-box regression weights (selective supervision); 1 = torchvision's losses
     model.transform = DataOwnedGeometryTransform(
         min_size=1, max_size=1, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
     if cfg.weights:

@@ -1,0 +1,65 @@
+"""AFFR: Pseudo Recall (paper Eq. 8) and the class sampling distribution mu (Eq. 9).
+
+PR_k = sum of teacher confidences of predictions of class k with score >= 0.1, accumulated over
+the last `window` steps and summed over all ranks (so every rank samples with the same mu).
+
+mu_k = (1 / PR_k)^beta / sum_j (1 / PR_j)^beta. beta = 0 is uniform sampling (plain FBR).
+A class with PR_k = 0 (never predicted yet) is treated as having the smallest positive PR of
+any class, so it gets the largest weight without inf/NaN; with no predictions at all mu is uniform.
+"""
+from __future__ import annotations
+
+import torch
+
+from acrst_fast import dist
+
+
+def sampling_probs(pseudo_recall: torch.Tensor, beta: float) -> torch.Tensor:
+    """mu (Tensor[K] float64, sums to 1) from PR (Tensor[K] >= 0)."""
+    pr = pseudo_recall.detach().to(torch.float64).cpu()
+    if beta == 0 or not (pr > 0).any():
+        return torch.full_like(pr, 1.0 / len(pr))
+    floor = pr[pr > 0].min()
+    w = pr.clamp(min=floor).pow(-beta)
+    return w / w.sum()
+
+
+class PseudoRecall:
+    """Windowed, all-reduced Pseudo Recall per class (labels 1..K)."""
+
+    def __init__(self, num_classes: int, window: int, threshold: float = 0.1):
+        if window < 1:
+            raise ValueError(f"PseudoRecall window must be >= 1, got {window}")
+        self.num_classes, self.window, self.threshold = num_classes, window, threshold
+        self.history = torch.zeros((window, num_classes), dtype=torch.float64)
+        self.steps = 0
+
+    def update(self, predictions: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        """Add one step's teacher predictions (dicts with scores Tensor[N], labels Tensor[N] 1..K).
+
+        Collective when distributed: every rank must call it once per step. Returns this step's
+        all-reduced per-class sums, Tensor[K].
+        """
+        step_sum = torch.zeros(self.num_classes, dtype=torch.float64)
+        for p in predictions:
+            keep = p["scores"] >= self.threshold
+            if keep.any():
+                step_sum.index_add_(0, (p["labels"][keep] - 1).cpu(), p["scores"][keep].detach().double().cpu())
+        step_sum = dist.all_reduce_sum_tensor(step_sum)
+        self.history[self.steps % self.window] = step_sum
+        self.steps += 1
+        return step_sum
+
+    def value(self) -> torch.Tensor:
+        """PR over the window, Tensor[K] float64."""
+        return self.history.sum(0)
+
+    def probs(self, beta: float) -> torch.Tensor:
+        return sampling_probs(self.value(), beta)
+
+    def state_dict(self) -> dict:
+        return {"history": self.history.clone(), "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history.copy_(state["history"])
+        self.steps = int(state["steps"])

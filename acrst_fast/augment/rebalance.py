@@ -1,0 +1,113 @@
+"""ACRST for any SSOD trainer: CropBank + FBR + AFFR behind one object, plain tensors in and out.
+
+    acrst = ACRST(num_classes=80, device="cuda")
+    acrst.add_ground_truth(images, gt_boxes, gt_labels)              # labeled weak views, once per image
+    acrst.observe_teacher(weak_images, teacher_preds, pseudo_labels)  # every unlabeled step (collective)
+    images, boxes, labels, pasted = acrst.rebalance(strong_images, boxes, labels, generator)
+
+images: list of Tensor[3, H, W] float in [0, 1]; boxes: list of Tensor[N, 4] (x1, y1, x2, y2)
+pixels; labels: list of Tensor[N] int64 1..K; teacher predictions/pseudo-labels: list of dicts
+with boxes, labels, scores. `pasted` (list of Tensor[M] bool) marks boxes that come from the
+bank: selective supervision trains regression on unlabeled images only on those.
+"""
+from __future__ import annotations
+
+import torch
+
+from acrst_fast import dist
+from acrst_fast.augment.affr import PseudoRecall, sampling_probs
+from acrst_fast.augment.cropbank import LABELED, PSEUDO, SOURCES, CropBank
+from acrst_fast.augment.paste import PasteConfig, PastePlan, paste_pixels_ref, plan_paste_ref
+
+
+class ACRST:
+    def __init__(self, num_classes: int, *, capacity: int = 256, crop_size: int = 64,
+                 paste: PasteConfig | None = None, beta: float = 0.6, pr_window: int = 200,
+                 pr_threshold: float = 0.1, sources: tuple[str, ...] = ("labeled", "pseudo"),
+                 device: torch.device | str = "cpu"):
+        unknown = set(sources) - set(SOURCES)
+        if unknown or not sources:
+            raise ValueError(f"ACRST sources must be a non-empty subset of {sorted(SOURCES)}, got {list(sources)}")
+        self.num_classes, self.beta = num_classes, beta
+        self.paste_cfg = paste or PasteConfig()
+        if not 0 <= self.paste_cfg.n_min <= self.paste_cfg.n_max:
+            raise ValueError(f"ACRST needs 0 <= n_min <= n_max, got [{self.paste_cfg.n_min}, {self.paste_cfg.n_max}]")
+        self.sources = tuple(SOURCES[s] for s in sources)
+        self.bank = CropBank(num_classes, capacity, crop_size, device)
+        self.recall = PseudoRecall(num_classes, pr_window, pr_threshold)
+        self.pl_counts = torch.zeros((pr_window, num_classes), dtype=torch.float64)  # kept pseudo-labels per class
+        self.last_pasted_per_image = 0.0
+
+    def add_ground_truth(self, images: list[torch.Tensor], boxes: list[torch.Tensor], labels: list[torch.Tensor],
+                         generator: torch.Generator | None = None) -> int:
+        """Offer ground-truth crops to the Labeled bank (a per-class reservoir). Returns crops stored."""
+        return self.bank.add(LABELED, images, boxes, labels, None, generator)
+
+    def observe_teacher(self, weak_images: list[torch.Tensor], predictions: list[dict], pseudo_labels: list[dict],
+                        generator: torch.Generator | None = None) -> None:
+        """Update Pseudo Recall from all teacher predictions (score >= threshold) and put the kept
+        pseudo-labels into the Pseudo bank. Collective when distributed (all-reduces PR and the
+        pseudo-label class counts)."""
+        step = self.recall.steps
+        self.recall.update(predictions)
+        counts = torch.zeros(self.num_classes, dtype=torch.float64)
+        for p in pseudo_labels:
+            if len(p["labels"]):
+                counts.index_add_(0, (p["labels"] - 1).cpu(), torch.ones(len(p["labels"]), dtype=torch.float64))
+        self.pl_counts[step % len(self.pl_counts)] = dist.all_reduce_sum_tensor(counts)  # global, like PR
+        self.bank.add(PSEUDO, weak_images, [p["boxes"] for p in pseudo_labels], [p["labels"] for p in pseudo_labels],
+                      [p["scores"] for p in pseudo_labels], generator)
+
+    def class_probs(self) -> torch.Tensor:
+        """mu, Tensor[K] float64 (Eq. 9)."""
+        return sampling_probs(self.recall.value(), self.beta)
+
+    def plan(self, image_hw: list[tuple[int, int]], boxes: list[torch.Tensor], labels: list[torch.Tensor],
+             generator: torch.Generator) -> PastePlan:
+        slots, classes, size_hw = self.bank.entries(self.sources)
+        return plan_paste_ref(image_hw, boxes, labels, slots, classes, size_hw, self.class_probs(), self.paste_cfg,
+                              generator)
+
+    def rebalance(self, images: list[torch.Tensor], boxes: list[torch.Tensor], labels: list[torch.Tensor],
+                  generator: torch.Generator):
+        """FBR (+ AFFR through mu): paste bank instances into `images` (in place), merge boxes.
+
+        Returns (images, boxes, labels, pasted) with boxes/labels/pasted on the images' device.
+        """
+        plan = self.plan([tuple(im.shape[1:]) for im in images], boxes, labels, generator)
+        paste_pixels_ref(images, plan.ops, self.bank.pixels)
+        self.last_pasted_per_image = len(plan.ops) / max(1, len(images))
+        dev = images[0].device if images else torch.device("cpu")
+        return (images, [b.to(dev) for b in plan.boxes], [lab.to(dev) for lab in plan.labels],
+                [p.to(dev) for p in plan.pasted])
+
+    def diagnostics(self, gt_class_counts: torch.Tensor | None = None) -> dict[str, torch.Tensor | float]:
+        """Per-class PR, mu, bank fill, pseudo-label class histogram (window), and its KL divergence
+        from the ground-truth class histogram when given (paper Fig. 4b)."""
+        pl = self.pl_counts.sum(0)
+        out: dict[str, torch.Tensor | float] = {
+            "pr": self.recall.value(), "mu": self.class_probs(),
+            "bank_labeled": self.bank.fill()[LABELED].double(), "bank_pseudo": self.bank.fill()[PSEUDO].double(),
+            "pl_hist": pl / pl.sum() if pl.sum() > 0 else pl,
+            "pasted_per_image": self.last_pasted_per_image,
+        }
+        if gt_class_counts is not None and pl.sum() > 0:
+            out["kl_gt_pl"] = kl_divergence(gt_class_counts.double(), pl)
+        return out
+
+    def state_dict(self) -> dict:
+        return {"bank": self.bank.state_dict(), "recall": self.recall.state_dict(), "pl_counts": self.pl_counts.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.bank.load_state_dict(state["bank"])
+        self.recall.load_state_dict(state["recall"])
+        self.pl_counts.copy_(state["pl_counts"])
+
+
+def kl_divergence(p_counts: torch.Tensor, q_counts: torch.Tensor, eps: float = 1e-6) -> float:
+    """KL(p || q) of two class histograms (counts, any scale), with eps smoothing so empty classes stay finite."""
+    p = p_counts / p_counts.sum()
+    q = (q_counts / q_counts.sum()).clamp(min=eps)
+    q = q / q.sum()
+    nz = p > 0
+    return float((p[nz] * (p[nz] / q[nz]).log()).sum())

@@ -1,0 +1,98 @@
+"""RPN and RoI heads whose regression losses take a weight per ground-truth box (selective supervision).
+
+A target dict may carry `reg_weight` (float Tensor[N], one per box). Each anchor or proposal
+matched to box j has its regression term multiplied by reg_weight[j]; without the key every
+weight is 1 and the losses are torchvision's. The normalisers are torchvision's too (number of
+sampled anchors / proposals), so weight 0 removes exactly that box's regression contribution.
+Classification terms are unchanged (paper Eq. 10: classification on all pseudo-labels,
+regression on pasted instances only).
+
+Only the loss paths are overridden; everything else is torchvision's `RegionProposalNetwork`
+and `RoIHeads`. `enable_box_weights(model)` switches a built Faster R-CNN to these classes.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torchvision.models.detection.faster_rcnn import FasterRCNN
+from torchvision.models.detection.roi_heads import RoIHeads
+from torchvision.models.detection.rpn import RegionProposalNetwork
+
+
+def _weights_for(target: dict, matched_idxs: torch.Tensor) -> torch.Tensor:
+    w = target.get("reg_weight")
+    if w is None or w.numel() == 0:
+        return torch.ones(len(matched_idxs), device=matched_idxs.device)
+    return w.to(matched_idxs.device, torch.float32)[matched_idxs.clamp(min=0)]
+
+
+class WeightedRPN(RegionProposalNetwork):
+    def assign_targets_to_anchors(self, anchors, targets):
+        labels, matched_gt_boxes = super().assign_targets_to_anchors(anchors, targets)
+        weights = []
+        for anchors_per_image, t in zip(anchors, targets):
+            if "reg_weight" in t and t["boxes"].numel() > 0:
+                # the Matcher is deterministic: this is the assignment the parent just made
+                matched = self.proposal_matcher(self.box_similarity(t["boxes"], anchors_per_image))
+                weights.append(_weights_for(t, matched))
+            else:
+                weights.append(torch.ones(len(anchors_per_image), device=anchors_per_image.device))
+        self._anchor_weights = weights
+        return labels, matched_gt_boxes
+
+    def compute_loss(self, objectness, pred_bbox_deltas, labels, regression_targets):
+        sampled_pos_inds, sampled_neg_inds = self.fg_bg_sampler(labels)
+        sampled_pos_inds = torch.where(torch.cat(sampled_pos_inds, dim=0))[0]
+        sampled_neg_inds = torch.where(torch.cat(sampled_neg_inds, dim=0))[0]
+        sampled_inds = torch.cat([sampled_pos_inds, sampled_neg_inds], dim=0)
+        objectness = objectness.flatten()
+        labels = torch.cat(labels, dim=0)
+        regression_targets = torch.cat(regression_targets, dim=0)
+        weights = torch.cat(self._anchor_weights, dim=0)
+        self._anchor_weights = None
+        per_anchor = F.smooth_l1_loss(pred_bbox_deltas[sampled_pos_inds], regression_targets[sampled_pos_inds],
+                                      beta=1 / 9, reduction="none").sum(dim=1)
+        box_loss = (per_anchor * weights[sampled_pos_inds]).sum() / sampled_inds.numel()
+        objectness_loss = F.binary_cross_entropy_with_logits(objectness[sampled_inds], labels[sampled_inds])
+        return objectness_loss, box_loss
+
+
+def weighted_fastrcnn_loss(class_logits, box_regression, labels, regression_targets, weights):
+    """torchvision's fastrcnn_loss with a regression weight per sampled proposal (list of Tensor[S_i])."""
+    labels = torch.cat(labels, dim=0)
+    regression_targets = torch.cat(regression_targets, dim=0)
+    weights = torch.cat(weights, dim=0)
+    classification_loss = F.cross_entropy(class_logits, labels)
+    pos = torch.where(labels > 0)[0]
+    n, _ = class_logits.shape
+    box_regression = box_regression.reshape(n, box_regression.size(-1) // 4, 4)
+    per_box = F.smooth_l1_loss(box_regression[pos, labels[pos]], regression_targets[pos], beta=1 / 9,
+                               reduction="none").sum(dim=1)
+    box_loss = (per_box * weights[pos]).sum() / labels.numel()
+    return classification_loss, box_loss
+
+
+class WeightedRoIHeads(RoIHeads):
+    def forward(self, features, proposals, image_shapes, targets=None):
+        if not self.training or self.has_mask() or self.has_keypoint():
+            return super().forward(features, proposals, image_shapes, targets)
+        for t in targets:
+            if t["boxes"].dtype not in (torch.float, torch.double, torch.half):
+                raise TypeError(f"target boxes must of float type, instead got {t['boxes'].dtype}")
+            if t["labels"].dtype != torch.int64:
+                raise TypeError(f"target labels must of int64 type, instead got {t['labels'].dtype}")
+        proposals, matched_idxs, labels, regression_targets = self.select_training_samples(proposals, targets)
+        weights = [_weights_for(t, m) if t["boxes"].numel() else torch.zeros(len(m), device=m.device)
+                   for t, m in zip(targets, matched_idxs)]
+        box_features = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
+        class_logits, box_regression = self.box_predictor(box_features)
+        loss_classifier, loss_box_reg = weighted_fastrcnn_loss(class_logits, box_regression, labels,
+                                                               regression_targets, weights)
+        return [], {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg}
+
+
+def enable_box_weights(model: FasterRCNN) -> FasterRCNN:
+    """Switch the RPN and RoI heads of a built Faster R-CNN to the weighted-loss subclasses (no new state)."""
+    model.rpn.__class__ = WeightedRPN
+    model.roi_heads.__class__ = WeightedRoIHeads
+    return model
