@@ -85,9 +85,10 @@ class ACRST:
         """Per-class PR, mu, bank fill, pseudo-label class histogram (window), and its KL divergence
         from the ground-truth class histogram when given (paper Fig. 4b)."""
         pl = self.pl_counts.sum(0)
+        fill = self.bank.fill().double()
         out: dict[str, torch.Tensor | float] = {
             "pr": self.recall.value(), "mu": self.class_probs(),
-            "bank_labeled": self.bank.fill()[LABELED].double(), "bank_pseudo": self.bank.fill()[PSEUDO].double(),
+            "bank_labeled": fill[LABELED], "bank_pseudo": fill[PSEUDO],
             "pl_hist": pl / pl.sum() if pl.sum() > 0 else pl,
             "pasted_per_image": self.last_pasted_per_image,
         }
