@@ -130,19 +130,18 @@ class LoggingHook(HookBase):
         local = {"total": sum(o.total for o in self._window) / n,
                  "images_per_s": sum(o.images for o in self._window) / max(elapsed, 1e-9),
                  "pseudo_per_image": sum(o.pseudo_per_image for o in self._window) / n}
-        for group in ("sup", "unsup"):
-            for o in self._window:
-                for k, v in getattr(o, group).items():
-                    local[f"{group}/{k}"] = local.get(f"{group}/{k}", 0.0) + v / n
-        for part in ("data", "teacher", "acrst", "student"):
+        for part in ("data", "teacher", "acrst", "metrics", "student"):
             local[f"time/{part}"] = sum(o.seconds.get(part, 0.0) for o in self._window) / n
-        extra_sum: dict[str, float] = {}
-        extra_n: dict[str, int] = {}
+        # a key is averaged over the steps that report it: a window spanning the switch from
+        # pre-training to mutual learning averages unsup losses over the mutual steps only
+        total: dict[str, float] = {}
+        count: dict[str, int] = {}
         for o in self._window:
-            for k, v in o.extras.items():
-                extra_sum[k] = extra_sum.get(k, 0.0) + v
-                extra_n[k] = extra_n.get(k, 0) + 1
-        local.update({k: v / extra_n[k] for k, v in extra_sum.items()})
+            values = {f"sup/{k}": v for k, v in o.sup.items()} | {f"unsup/{k}": v for k, v in o.unsup.items()}
+            for k, v in (values | o.extras).items():
+                total[k] = total.get(k, 0.0) + v
+                count[k] = count.get(k, 0) + 1
+        local.update({k: v / count[k] for k, v in total.items()})
         avg = dist.all_reduce_mean(local)
         avg["images_per_s"] *= dist.world_size()  # summed over ranks
         record = {"kind": "train", "step": step, "phase": self._window[-1].phase, "lr": self.lr_hook.lr, **avg}

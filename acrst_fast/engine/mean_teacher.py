@@ -170,13 +170,6 @@ class MeanTeacher:
         t_teacher = time.perf_counter()
 
         extras: dict[str, float] = {}
-        if pseudo is not None and self.hidden_gt:  # pseudo-label quality against the hidden ground truth
-            tp, n_pl, n_gt = match_counts(pseudo, unl.boxes, unl.labels)
-            extras.update({"pseudo/tp": float(tp), "pseudo/num_pseudo": float(n_pl), "pseudo/num_hidden_gt": float(n_gt)})
-        if pseudo is not None:  # pseudo-label class histogram (report: GT vs pseudo-label distribution)
-            kept = torch.cat([p["labels"] for p in pseudo]).cpu()
-            for name, c in zip(self.class_names, torch.bincount(kept, minlength=len(self.class_names) + 1)[1:].tolist()):
-                extras[f"pseudo/count/{name}"] = float(c)
         if self.acrst is not None:
             if step < self.labeled_bank_steps:
                 self.acrst.add_ground_truth(self._to(lab.weak), [t["boxes"] for t in lab_targets],
@@ -187,8 +180,17 @@ class MeanTeacher:
                 unl_targets, pasted_unl = self._rebalance(unl_images, unl_targets, self._generator(step, 3),
                                                           labeled=False)
                 extras["acrst/pasted_per_image_unlabeled"] = pasted_unl
-            extras.update(self._diagnostics())
         t_paste = time.perf_counter()
+        if self.acrst is not None:
+            extras.update(self._diagnostics())
+        if pseudo is not None and self.hidden_gt:  # pseudo-label quality against the hidden ground truth
+            tp, n_pl, n_gt = match_counts(pseudo, unl.boxes, unl.labels)
+            extras.update({"pseudo/tp": float(tp), "pseudo/num_pseudo": float(n_pl), "pseudo/num_hidden_gt": float(n_gt)})
+        if pseudo is not None:  # pseudo-label class histogram (report: GT vs pseudo-label distribution)
+            kept = torch.cat([p["labels"] for p in pseudo]).cpu()
+            for name, c in zip(self.class_names, torch.bincount(kept, minlength=len(self.class_names) + 1)[1:].tolist()):
+                extras[f"pseudo/count/{name}"] = float(c)
+        t_metrics = time.perf_counter()
 
         self.student.train()
         sup, unsup = self.student_losses(lab_images, lab_targets, unl_images, unl_targets)
@@ -214,7 +216,7 @@ class MeanTeacher:
             images=len(lab) + n_unl,
             pseudo_per_image=(sum(len(p["boxes"]) for p in pseudo) / max(1, n_unl)) if pseudo is not None else 0.0,
             seconds={"data": t_data - t0, "teacher": t_teacher - t_data, "acrst": t_paste - t_teacher,
-                     "student": t_end - t_paste},
+                     "metrics": t_metrics - t_paste, "student": t_end - t_metrics},
             extras=extras,
         )
 
