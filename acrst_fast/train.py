@@ -20,7 +20,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from acrst_fast import dist
-from acrst_fast.augment import ACRST, PasteConfig
+from acrst_fast.augment import ACRST, PasteConfig, class_histogram
 from acrst_fast.config import Config, ConfigError, check_paths, config_to_dict, dump_config, load_config
 from acrst_fast.data.build import load_datasets, prepare_data, resolved_data
 from acrst_fast.data.coco import DataError
@@ -78,10 +78,10 @@ def run(cfg: Config, source: str, resume: bool, info: dist.DistInfo) -> dict:
     echo(f"[data] {len(datasets.labeled)} labeled, {len(datasets.unlabeled)} unlabeled, {len(datasets.val)} val "
          f"images; {datasets.categories.num_classes} classes; world size {info.world}, device {info.device}")
 
+    labeled_counts = class_counts(datasets.labeled, datasets.categories.num_classes)
     if info.is_main:  # what the report needs when the dataset is not at hand
-        counts = class_counts(datasets.labeled, datasets.categories.num_classes)
         (run_dir / "dataset_stats.json").write_text(json.dumps({
-            "classes": list(datasets.categories.names), "labeled_class_counts": [int(c) for c in counts],
+            "classes": list(datasets.categories.names), "labeled_class_counts": [int(c) for c in labeled_counts],
             "num_labeled": len(datasets.labeled), "num_unlabeled": len(datasets.unlabeled),
             "num_val": len(datasets.val)}, indent=1))
     torch.manual_seed(cfg.run.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
@@ -104,7 +104,7 @@ def run(cfg: Config, source: str, resume: bool, info: dist.DistInfo) -> dict:
     runner = MeanTeacher(cfg, student, losses, optimizer, stage, info.device, acrst=acrst,
                          labeled_bank_steps=math.ceil(shard / batch_labeled),
                          class_names=datasets.categories.names,
-                         gt_class_counts=class_counts(datasets.labeled, datasets.categories.num_classes),
+                         gt_class_counts=labeled_counts,
                          rank=info.rank, world=info.world,
                          hidden_gt=any(len(r.boxes) for r in datasets.unlabeled))
     if acrst is not None:
@@ -166,10 +166,8 @@ def build_acrst(cfg: Config, num_classes: int, device: torch.device) -> ACRST:
 
 def class_counts(records, num_classes: int) -> torch.Tensor:
     """Ground-truth boxes per class (Tensor[K] float64) over the labeled records."""
-    counts = torch.zeros(num_classes, dtype=torch.float64)
-    for r in records:
-        counts.index_add_(0, torch.from_numpy(r.labels) - 1, torch.ones(len(r.labels), dtype=torch.float64))
-    return counts
+    labels = [torch.from_numpy(r.labels) for r in records]
+    return class_histogram(torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64), num_classes)
 
 
 def summarize(history: list[dict], class_names: tuple[str, ...]) -> dict:

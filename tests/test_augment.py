@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from acrst_fast.augment import (
-    ACRST, LABELED, PSEUDO, CropBank, PasteConfig, PseudoRecall, kl_divergence, merge_boxes, paste_pixels_ref,
+    ACRST, LABELED, PSEUDO, CropBank, PasteConfig, PseudoRecall, class_histogram, kl_divergence, merge_boxes,
+    paste_pixels_ref,
     plan_paste_ref, sampling_probs,
 )
 from acrst_fast.augment.paste import OP_FLIP, OP_H, OP_SLOT, OP_W, OP_X0, OP_Y0, covered_area
@@ -253,3 +254,9 @@ def test_acrst_end_to_end_and_kl():
     clone = ACRST(3, capacity=4, crop_size=8, pr_window=5)
     clone.load_state_dict(acrst.state_dict())
     assert torch.equal(clone.bank.pixels, acrst.bank.pixels) and torch.equal(clone.recall.value(), acrst.recall.value())
+
+
+def test_class_histogram():
+    counts = class_histogram(torch.tensor([3, 1, 3, 3]), 4)
+    assert counts.dtype == torch.float64 and counts.tolist() == [1.0, 0.0, 3.0, 0.0]
+    assert class_histogram(torch.zeros(0, dtype=torch.int64), 2).tolist() == [0.0, 0.0]

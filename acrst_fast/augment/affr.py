@@ -14,6 +14,11 @@ import torch
 from acrst_fast import dist
 
 
+def class_histogram(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Boxes per class, Tensor[K] float64 (CPU), from labels Tensor[N] int64 in 1..K."""
+    return torch.bincount(labels.to("cpu", torch.int64) - 1, minlength=num_classes)[:num_classes].double()
+
+
 def sampling_probs(pseudo_recall: torch.Tensor, beta: float) -> torch.Tensor:
     """mu (Tensor[K] float64, sums to 1) from PR (Tensor[K] >= 0)."""
     pr = pseudo_recall.detach().to(torch.float64).cpu()

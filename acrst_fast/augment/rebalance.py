@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from acrst_fast import dist
-from acrst_fast.augment.affr import PseudoRecall, sampling_probs
+from acrst_fast.augment.affr import PseudoRecall, class_histogram, sampling_probs
 from acrst_fast.augment.cropbank import LABELED, PSEUDO, SOURCES, CropBank
 from acrst_fast.augment.paste import PasteConfig, PastePlan, paste_pixels_ref, plan_paste_ref
 
@@ -50,10 +50,8 @@ class ACRST:
         pseudo-label class counts)."""
         step = self.recall.steps
         self.recall.update(predictions)
-        counts = torch.zeros(self.num_classes, dtype=torch.float64)
-        for p in pseudo_labels:
-            if len(p["labels"]):
-                counts.index_add_(0, (p["labels"] - 1).cpu(), torch.ones(len(p["labels"]), dtype=torch.float64))
+        counts = class_histogram(torch.cat([p["labels"] for p in pseudo_labels]), self.num_classes) \
+            if pseudo_labels else torch.zeros(self.num_classes, dtype=torch.float64)
         self.pl_counts[step % len(self.pl_counts)] = dist.all_reduce_sum_tensor(counts)  # global, like PR
         self.bank.add(PSEUDO, weak_images, [p["boxes"] for p in pseudo_labels], [p["labels"] for p in pseudo_labels],
                       [p["scores"] for p in pseudo_labels], generator)

@@ -25,7 +25,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from acrst_fast.augment import ACRST
+from acrst_fast.augment import ACRST, class_histogram
 from acrst_fast.config import Config
 from acrst_fast.data.loader import Batch, DataStage, sample_seed
 from acrst_fast.engine.ema import ema_update
@@ -187,9 +187,9 @@ class MeanTeacher:
             tp, n_pl, n_gt = match_counts(pseudo, unl.boxes, unl.labels)
             extras.update({"pseudo/tp": float(tp), "pseudo/num_pseudo": float(n_pl), "pseudo/num_hidden_gt": float(n_gt)})
         if pseudo is not None:  # pseudo-label class histogram (report: GT vs pseudo-label distribution)
-            kept = torch.cat([p["labels"] for p in pseudo]).cpu()
-            for name, c in zip(self.class_names, torch.bincount(kept, minlength=len(self.class_names) + 1)[1:].tolist()):
-                extras[f"pseudo/count/{name}"] = float(c)
+            counts = class_histogram(torch.cat([p["labels"] for p in pseudo]), len(self.class_names))
+            for name, c in zip(self.class_names, counts.tolist()):
+                extras[f"pseudo/count/{name}"] = c
         t_metrics = time.perf_counter()
 
         self.student.train()
