@@ -120,6 +120,8 @@ class SolverConfig:
     lr_steps: list[int] = field(default_factory=list)
     lr_gamma: float = 0.1
     grad_clip_norm: float = 0.0  # 0 = off
+    amp: str = "auto"  # auto (bf16 / fp16 on CUDA, off on CPU), off, bf16, fp16: see engine/amp.py
+    channels_last: bool = False  # student and teacher in channels-last memory format (convolutions on GPU)
 
 
 @dataclass(frozen=True)
@@ -153,6 +155,39 @@ class ACRSTConfig:
 
 
 @dataclass(frozen=True)
+class SSMLLConfig:
+    """Semi-supervised multi-label classifier (C-Tran style) and two-stage pseudo-label filtering
+    (paper: "Semi-supervised Multi-label Learning", "Two-stage Pseudo-label Filtering", Tables 9-10).
+    `python -m acrst_fast.train_ssmll CONFIG` trains the classifier; the detector reads its
+    `checkpoint` when `filter` is two_stage or mining."""
+
+    filter: str = "single"  # single (score >= tau_cls) | two_stage (and classifier not negative) | mining
+    checkpoint: str = ""  # classifier file written by train_ssmll (OUTPUT/ssmll_teacher.pt)
+    tau_ml: float = 0.2  # two_stage: drop predictions of classes with classifier probability < tau_ml
+    tau_pos: float = 0.7  # mining: also keep predictions of classes with probability >= tau_pos ...
+    mining_min_score: float = 0.3  # ... whose detector score is at least this
+    backbone: str = "resnet50"  # resnet50 | resnet18 | mobilenet_v2
+    backbone_weights: str = ""  # local ImageNet classifier state dict; empty = random init
+    input_size: int = 576
+    dim: int = 256  # transformer width
+    layers: int = 2
+    heads: int = 4
+    total_steps: int = 36000
+    pretrain_steps: int = 2000
+    batch_labeled: int = 64
+    batch_unlabeled: int = 64
+    lr: float = 1e-5  # Adam
+    ema_decay: float = 0.999
+    focal_gamma: float = 2.0
+    pseudo_threshold: float = 0.5  # teacher probability -> image-level pseudo-label
+    lambda_unsup: float = 1.0
+    output_dir: str = ""  # empty = RUN.OUTPUT_DIR/ssmll
+    checkpoint_period: int = 500
+    eval_period: int = 0  # 0 = at the end only
+    eval_taus: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2])
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     period: int = 5000  # steps between evaluations; the last step is always evaluated
     teacher: bool = True
@@ -179,6 +214,7 @@ class Config:
     solver: SolverConfig = field(default_factory=SolverConfig)
     mean_teacher: MeanTeacherConfig = field(default_factory=MeanTeacherConfig)
     acrst: ACRSTConfig = field(default_factory=ACRSTConfig)
+    ssmll: SSMLLConfig = field(default_factory=SSMLLConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
@@ -323,6 +359,7 @@ def _check_values(cfg: Config, source: str) -> None:
     need(s.batch_unlabeled > 0, "solver.batch_unlabeled", "must be > 0")
     need(s.lr > 0, "solver.lr", "must be > 0")
     need(list(s.lr_steps) == sorted(s.lr_steps), "solver.lr_steps", "must be increasing")
+    need(s.amp in ("auto", "off", "bf16", "fp16"), "solver.amp", f"must be auto, off, bf16 or fp16; got '{s.amp}'")
     need(0.0 <= cfg.mean_teacher.ema_decay < 1.0, "mean_teacher.ema_decay", "must be in [0, 1)")
     need(0.0 <= cfg.mean_teacher.tau_cls <= 1.0, "mean_teacher.tau_cls", "must be in [0, 1]")
     need(m.backbone in ("resnet50", "resnet18", "mobilenet_v2"), "model.backbone",
@@ -344,6 +381,18 @@ def _check_values(cfg: Config, source: str) -> None:
     need(0.0 <= r.visibility_threshold < 1.0, "acrst.visibility_threshold", "must be in [0, 1)")
     need(r.crop_size >= 2 and r.capacity_per_class >= 1 and r.pr_window >= 1, "acrst.crop_size",
          "crop_size >= 2, capacity_per_class >= 1 and pr_window >= 1 are required")
+    m2 = cfg.ssmll
+    need(m2.filter in ("single", "two_stage", "mining"), "ssmll.filter",
+         f"must be single, two_stage or mining; got '{m2.filter}'")
+    need(m2.filter == "single" or bool(m2.checkpoint), "ssmll.checkpoint",
+         f"must name the classifier (train_ssmll's ssmll_teacher.pt) when ssmll.filter is {m2.filter}")
+    need(m2.backbone in ("resnet50", "resnet18", "mobilenet_v2"), "ssmll.backbone",
+         f"must be one of resnet50, resnet18, mobilenet_v2; got '{m2.backbone}'")
+    need(0 <= m2.pretrain_steps <= m2.total_steps and m2.total_steps > 0, "ssmll.pretrain_steps",
+         "must be in [0, ssmll.total_steps], total_steps > 0")
+    need(0 < m2.tau_ml < 1 and 0 < m2.tau_pos < 1 and 0 < m2.pseudo_threshold < 1, "ssmll.tau_ml",
+         "tau_ml, tau_pos and pseudo_threshold must lie in (0, 1)")
+    need(m2.input_size >= 32 and m2.dim % m2.heads == 0, "ssmll.input_size", "input_size >= 32 and dim divisible by heads")
     d = cfg.data
     need(bool(d.val_json), "data.val_json", "must be set")
     need(bool(d.train_json), "data.train_json", "must be set")
@@ -360,6 +409,8 @@ def check_paths(cfg: Config, source: str) -> None:
         ("data.val_json", d.val_json, "file"), ("data.val_images", d.val_images, "dir"),
         ("data.unlabeled_json", d.unlabeled_json, "file"), ("data.unlabeled_images", d.unlabeled_images, "dir"),
         ("model.backbone_weights", m.backbone_weights, "file"), ("model.weights", m.weights, "file"),
+        ("ssmll.backbone_weights", cfg.ssmll.backbone_weights, "file"),
+        ("ssmll.checkpoint", cfg.ssmll.checkpoint if cfg.ssmll.filter != "single" else "", "file"),
     ]
     for key, value, kind in checks:
         if not value:

@@ -33,6 +33,7 @@ from acrst_fast.engine.mean_teacher import MeanTeacher, StudentLosses
 from acrst_fast.engine.trainer import Trainer, TrainingInterrupted
 from acrst_fast.evaluation.coco_eval import Evaluator
 from acrst_fast.models.detector import WeightsError, build_detector
+from acrst_fast.ssmll.model import load_classifier
 
 log = logging.getLogger("acrst_fast")
 
@@ -84,29 +85,8 @@ def run(cfg: Config, source: str, resume: bool, info: dist.DistInfo) -> dict:
             "classes": list(datasets.categories.names), "labeled_class_counts": [int(c) for c in labeled_counts],
             "num_labeled": len(datasets.labeled), "num_unlabeled": len(datasets.unlabeled),
             "num_val": len(datasets.val)}, indent=1))
-    torch.manual_seed(cfg.run.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
-    student = build_detector(cfg.model, datasets.categories.num_classes).to(info.device)
-    torch.manual_seed(cfg.run.seed + 1000 * info.rank)  # per-rank streams for the RoI/RPN samplers
-    params = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=cfg.solver.lr, momentum=cfg.solver.momentum,
-                                weight_decay=cfg.solver.weight_decay)
-    losses = StudentLosses(student)
-    if info.world > 1:
-        losses = DistributedDataParallel(losses, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
-    batch_labeled = _per_rank(cfg.solver.batch_labeled, info.world, "solver.batch_labeled", source)
-    stage = TorchDataStage(
-        datasets.labeled, datasets.unlabeled, datasets.val, cfg.augment, batch_labeled=batch_labeled,
-        batch_unlabeled=_per_rank(cfg.solver.batch_unlabeled, info.world, "solver.batch_unlabeled", source),
-        seed=cfg.run.seed, rank=info.rank, world=info.world, num_workers=cfg.data.num_workers,
-        labeled_views=("weak", "strong") if cfg.acrst.fbr else ("strong",))
-    acrst = build_acrst(cfg, datasets.categories.num_classes, info.device) if cfg.acrst.fbr else None
-    shard = math.ceil(len(datasets.labeled) / info.world)
-    runner = MeanTeacher(cfg, student, losses, optimizer, stage, info.device, acrst=acrst,
-                         labeled_bank_steps=math.ceil(shard / batch_labeled),
-                         class_names=datasets.categories.names,
-                         gt_class_counts=labeled_counts,
-                         rank=info.rank, world=info.world,
-                         hidden_gt=any(len(r.boxes) for r in datasets.unlabeled))
+    runner, stage = build_runner(cfg, datasets, info, source, labeled_counts)
+    acrst = runner.acrst
     if acrst is not None:
         echo(f"[acrst] CropBank {acrst.bank.nbytes / 2**20:.1f} MiB on {info.device}; banks {cfg.acrst.banks}, "
              f"N in {cfg.acrst.n_range}, beta {cfg.acrst.beta}, selective supervision "
@@ -209,6 +189,45 @@ def _install_stop_handler(trainer: Trainer) -> None:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, handler)
+
+
+def build_runner(cfg: Config, datasets, info, source: str,
+                 labeled_counts: torch.Tensor | None = None) -> tuple[MeanTeacher, TorchDataStage]:
+    """Student, optimizer, data stage, ACRST (when `acrst.fbr`) and the Mean Teacher runner of one rank.
+
+    datasets: `load_datasets(...)`; info: `dist.init()`'s rank/world/device; source: the config's
+    name for error messages. The bench scripts build their runner here too.
+    """
+    torch.manual_seed(cfg.run.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
+    student = build_detector(cfg.model, datasets.categories.num_classes).to(info.device)
+    if cfg.solver.channels_last:
+        student = student.to(memory_format=torch.channels_last)
+    torch.manual_seed(cfg.run.seed + 1000 * info.rank)  # per-rank streams for the RoI/RPN samplers
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=cfg.solver.lr, momentum=cfg.solver.momentum,
+                                weight_decay=cfg.solver.weight_decay)
+    losses = StudentLosses(student)
+    if info.world > 1:
+        losses = DistributedDataParallel(losses, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
+    batch_labeled = _per_rank(cfg.solver.batch_labeled, info.world, "solver.batch_labeled", source)
+    stage = TorchDataStage(
+        datasets.labeled, datasets.unlabeled, datasets.val, cfg.augment, batch_labeled=batch_labeled,
+        batch_unlabeled=_per_rank(cfg.solver.batch_unlabeled, info.world, "solver.batch_unlabeled", source),
+        seed=cfg.run.seed, rank=info.rank, world=info.world, num_workers=cfg.data.num_workers,
+        labeled_views=("weak", "strong") if cfg.acrst.fbr else ("strong",))
+    acrst = build_acrst(cfg, datasets.categories.num_classes, info.device) if cfg.acrst.fbr else None
+    classifier, classifier_size = None, 0
+    if cfg.ssmll.filter != "single":
+        classifier, classifier_size = load_classifier(cfg.ssmll.checkpoint, datasets.categories.names, info.device)
+    shard = math.ceil(len(datasets.labeled) / info.world)
+    runner = MeanTeacher(cfg, student, losses, optimizer, stage, info.device, acrst=acrst,
+                         labeled_bank_steps=math.ceil(shard / batch_labeled),
+                         class_names=datasets.categories.names,
+                         gt_class_counts=labeled_counts,
+                         rank=info.rank, world=info.world,
+                         hidden_gt=any(len(r.boxes) for r in datasets.unlabeled),
+                         classifier=classifier, classifier_size=classifier_size)
+    return runner, stage
 
 
 def main(argv: list[str] | None = None) -> int:

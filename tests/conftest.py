@@ -10,6 +10,9 @@ import pytest
 import torch
 import yaml
 
+if not torch.cuda.is_available():  # Triton kernels run on CPU tensors under the interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from acrst_fast.config import DemoDataConfig
 from acrst_fast.data.demo import generate
 

@@ -54,8 +54,9 @@ def test_cpp_tests_via_ctest(tmp_path):
     build = tmp_path / "build"
     subprocess.run([cmake, "-S", str(REPO), "-B", str(build), f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
                     f"-DPython_EXECUTABLE={sys.executable}"], check=True, capture_output=True)
-    subprocess.run([cmake, "--build", str(build), "--target", "test_box_ops"], check=True, capture_output=True)
+    for target in ("test_box_ops", "test_paste_plan"):
+        subprocess.run([cmake, "--build", str(build), "--target", target], check=True, capture_output=True)
     ctest = str(__import__("pathlib").Path(cmake).with_name("ctest"))
     proc = subprocess.run([ctest, "--test-dir", str(build), "--output-on-failure"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "100% tests passed" in proc.stdout
+    assert "100% tests passed" in proc.stdout and "paste_plan" in proc.stdout

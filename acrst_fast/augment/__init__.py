@@ -2,12 +2,19 @@
 
 - `ACRST`: CropBank + FBR + AFFR behind one object (see rebalance.py for the call sequence).
 - `CropBank`, `PseudoRecall`, `sampling_probs`: the pieces, for trainers that want them separately.
-- `plan_paste_ref`, `paste_pixels_ref`, `merge_boxes`: the pure-PyTorch crop-paste reference.
+- `plan_paste` (C++, whole batch in one call), `merge_pastes` (given placements) and
+  `paste_pixels` (Triton on CUDA): the fast crop-paste paths.
+- `plan_paste_ref`, `merge_pastes_ref`, `paste_pixels_ref`, `merge_boxes`: the pure-PyTorch
+  reference they are held equal to.
 """
 from acrst_fast.augment.affr import PseudoRecall, class_histogram, sampling_probs
 from acrst_fast.augment.cropbank import LABELED, PSEUDO, CropBank
-from acrst_fast.augment.paste import PasteConfig, PastePlan, merge_boxes, paste_pixels_ref, plan_paste_ref
+from acrst_fast.augment.paste import (PasteConfig, PastePlan, draw_uniforms, merge_boxes, merge_pastes_ref,
+                                     paste_pixels_ref, plan_paste_ref)
+from acrst_fast.augment.pixels import paste_pixels
+from acrst_fast.augment.planner import merge_pastes, plan_paste
 from acrst_fast.augment.rebalance import ACRST, kl_divergence
 
-__all__ = ["ACRST", "CropBank", "LABELED", "PSEUDO", "PasteConfig", "PastePlan", "PseudoRecall", "class_histogram", "kl_divergence",
-           "merge_boxes", "paste_pixels_ref", "plan_paste_ref", "sampling_probs"]
+__all__ = ["ACRST", "CropBank", "LABELED", "PSEUDO", "PasteConfig", "PastePlan", "PseudoRecall", "class_histogram",
+           "draw_uniforms", "kl_divergence", "merge_boxes", "merge_pastes", "merge_pastes_ref", "paste_pixels",
+           "paste_pixels_ref", "plan_paste", "plan_paste_ref", "sampling_probs"]

@@ -15,10 +15,10 @@ issue 5 are held equal to it. Conventions:
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 # columns of the op table, Tensor[P, 7] int64
 OP_IMAGE, OP_SLOT, OP_X0, OP_Y0, OP_H, OP_W, OP_FLIP = range(7)
@@ -83,7 +83,7 @@ def merge_boxes(boxes: torch.Tensor, labels: torch.Tensor, paste_boxes: torch.Te
         later = paste_boxes[max(0, i - n_own + 1):] if i >= n_own else paste_boxes
         if len(later) == 0:
             continue
-        b = all_boxes[i]
+        b = all_boxes[i].double()
         area = float((b[2] - b[0]) * (b[3] - b[1]))
         if area <= 0:
             continue
@@ -93,73 +93,158 @@ def merge_boxes(boxes: torch.Tensor, labels: torch.Tensor, paste_boxes: torch.Te
     return all_boxes[keep], all_labels[keep], pasted[keep]
 
 
-def _choice(probs: torch.Tensor, generator: torch.Generator) -> int:
-    return int(torch.multinomial(probs, 1, generator=generator))
+# columns of the per-paste uniforms, Tensor[B, n_max, 6] float64 in [0, 1)
+U_CLASS, U_MEMBER, U_SCALE, U_X, U_Y, U_FLIP = range(6)
+
+
+def draw_uniforms(n_images: int, cfg: PasteConfig, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """All randomness of one batch's plan, in two calls on `generator` (CPU):
+    counts Tensor[B] int64 (pastes tried per image, uniform in [n_min, n_max]) and
+    uniforms Tensor[B, n_max, 6] float64 in [0, 1) (class, member, scale, x, y, flip per paste).
+    The reference and the C++ planner turn the same draws into the same plan."""
+    counts = torch.randint(cfg.n_min, cfg.n_max + 1, (n_images,), generator=generator)
+    uniforms = torch.rand((n_images, cfg.n_max, 6), generator=generator, dtype=torch.float64)
+    return counts, uniforms
+
+
+def _pick(u: float, n: int) -> int:
+    """floor(u * n) for u in [0, 1), kept below n against rounding."""
+    return min(int(math.floor(u * n)), n - 1)
+
+
+def _pick_class(u: float, probs: list[float]) -> int:
+    """Inverse CDF over probs (float64, some zero): the first k with u * total < cumsum_k (0-based)."""
+    total = 0.0
+    for p in probs:
+        total += p
+    target, cum, last = u * total, 0.0, -1
+    for k, p in enumerate(probs):
+        if p > 0:
+            cum += p
+            last = k
+            if target < cum:
+                return k
+    return last
+
+
+def place_ref(u: list[float], bh: float, bw: float, h_img: int, w_img: int, cfg: PasteConfig) -> tuple[int, int, int, int, int]:
+    """One paste's geometry from its uniforms: (x0, y0, h, w, flip). The crop is scaled by
+    s ~ U[scale_min, scale_max] (capped so it fits in the image), rounded half up, and its
+    top-left corner is uniform over positions that leave at least half of it inside."""
+    s = cfg.scale_min + (cfg.scale_max - cfg.scale_min) * u[U_SCALE]
+    s = min(s, h_img / bh, w_img / bw)
+    h, w = max(1, int(math.floor(bh * s + 0.5))), max(1, int(math.floor(bw * s + 0.5)))
+    x0 = -(w // 2) + _pick(u[U_X], w_img - w + 2 * (w // 2) + 1)
+    y0 = -(h // 2) + _pick(u[U_Y], h_img - h + 2 * (h // 2) + 1)
+    return x0, y0, h, w, int(u[U_FLIP] < cfg.flip_prob)
 
 
 def plan_paste_ref(image_hw: list[tuple[int, int]], boxes: list[torch.Tensor], labels: list[torch.Tensor],
                    bank_slots: torch.Tensor, bank_classes: torch.Tensor, bank_size_hw: torch.Tensor,
-                   class_probs: torch.Tensor, cfg: PasteConfig, generator: torch.Generator) -> PastePlan:
+                   class_probs: torch.Tensor, cfg: PasteConfig, generator: torch.Generator | None = None,
+                   draws: tuple[torch.Tensor, torch.Tensor] | None = None) -> PastePlan:
     """Sample N_C in [n_min, n_max] bank instances per image, place them, merge annotations.
 
     bank_slots/classes/size_hw: the candidate crops (from `CropBank.entries`), Tensor[E], Tensor[E]
     (1..K), Tensor[E, 2]. class_probs: Tensor[K], the class sampling distribution mu (AFFR);
-    classes without a candidate crop are left out and the rest renormalised.
-    All randomness comes from `generator` (CPU).
+    classes without a candidate crop are left out and the rest renormalised. The crop of a class
+    is uniform over its candidates, in `bank_slots` order. Randomness: `draws` (from
+    `draw_uniforms`) if given, else drawn from `generator`.
     """
     cpu = torch.device("cpu")
+    counts, uniforms = draws if draws is not None else draw_uniforms(len(image_hw), cfg, generator)
     bank_slots, bank_classes, bank_size_hw = bank_slots.to(cpu), bank_classes.to(cpu), bank_size_hw.to(cpu)
     k = len(class_probs)
-    available = torch.zeros(k, dtype=torch.bool)
-    if len(bank_classes):
-        available[bank_classes - 1] = True
-    probs = class_probs.to(cpu, torch.float64) * available
-    can_paste = bool(probs.sum() > 0)
-    ops, out_boxes, out_labels, out_pasted = [], [], [], []
+    members = [torch.nonzero(bank_classes == c + 1).flatten().tolist() for c in range(k)]
+    probs = [float(p) if members[c] else 0.0 for c, p in enumerate(class_probs.to(cpu, torch.float64).tolist())]
+    can_paste = sum(probs) > 0
+    sizes, slots = bank_size_hw.double().tolist(), bank_slots.tolist()
+    ops, op_labels = [], []
     for img, (h_img, w_img) in enumerate(image_hw):
-        n = int(torch.randint(cfg.n_min, cfg.n_max + 1, (), generator=generator)) if can_paste else 0
+        for j in range(int(counts[img]) if can_paste else 0):
+            u = uniforms[img, j].tolist()
+            cls = _pick_class(u[U_CLASS], probs)
+            e = members[cls][_pick(u[U_MEMBER], len(members[cls]))]
+            x0, y0, h, w, flip = place_ref(u, sizes[e][0], sizes[e][1], h_img, w_img, cfg)
+            ops.append([img, slots[e], x0, y0, h, w, flip])
+            op_labels.append(cls + 1)
+    return merge_pastes_ref(image_hw, boxes, labels, torch.tensor(ops, dtype=torch.int64).reshape(-1, 7),
+                            torch.tensor(op_labels, dtype=torch.int64), cfg.min_size, cfg.visibility_threshold)
+
+
+def merge_pastes_ref(image_hw: list[tuple[int, int]], boxes: list[torch.Tensor], labels: list[torch.Tensor],
+                     ops: torch.Tensor, op_labels: torch.Tensor, min_size: int,
+                     visibility_threshold: float) -> PastePlan:
+    """Given placements (op table Tensor[P, 7], grouped by image in paste order; op_labels Tensor[P]):
+    drop pastes whose clipped box is narrower or shorter than `min_size`, merge boxes (Eq. 7)."""
+    cpu = torch.device("cpu")
+    kept_ops, out_boxes, out_labels, out_pasted = [], [], [], []
+    rows, op_labels = ops.tolist(), op_labels.tolist()
+    for img, (h_img, w_img) in enumerate(image_hw):
         p_boxes, p_labels = [], []
-        for _ in range(n):
-            cls = _choice(probs, generator) + 1
-            members = torch.nonzero(bank_classes == cls).flatten()
-            e = int(members[int(torch.randint(len(members), (), generator=generator))])
-            bh, bw = bank_size_hw[e].tolist()
-            s = cfg.scale_min + (cfg.scale_max - cfg.scale_min) * float(torch.rand((), generator=generator))
-            s = min(s, h_img / bh, w_img / bw)  # the whole crop fits in the image
-            h, w = max(1, round(bh * s)), max(1, round(bw * s))
-            x0 = int(torch.randint(-(w // 2), w_img - w + w // 2 + 1, (), generator=generator))
-            y0 = int(torch.randint(-(h // 2), h_img - h + h // 2 + 1, (), generator=generator))
-            flip = bool(torch.rand((), generator=generator) < cfg.flip_prob)
-            clipped = torch.tensor([max(x0, 0), max(y0, 0), min(x0 + w, w_img), min(y0 + h, h_img)], dtype=torch.float32)
-            if clipped[2] - clipped[0] < cfg.min_size or clipped[3] - clipped[1] < cfg.min_size:
+        for row, cls in zip(rows, op_labels):
+            if row[OP_IMAGE] != img:
                 continue
-            ops.append([img, int(bank_slots[e]), x0, y0, h, w, int(flip)])
+            x0, y0, h, w = row[OP_X0], row[OP_Y0], row[OP_H], row[OP_W]
+            clipped = [max(x0, 0), max(y0, 0), min(x0 + w, w_img), min(y0 + h, h_img)]
+            if clipped[2] - clipped[0] < min_size or clipped[3] - clipped[1] < min_size:
+                continue
+            kept_ops.append(row)
             p_boxes.append(clipped)
             p_labels.append(cls)
-        pb = torch.stack(p_boxes) if p_boxes else torch.zeros((0, 4))
+        pb = torch.tensor(p_boxes, dtype=torch.float32).reshape(-1, 4)
         pl = torch.tensor(p_labels, dtype=torch.int64)
-        b, lab, pasted = merge_boxes(boxes[img].to(cpu), labels[img].to(cpu), pb, pl, cfg.visibility_threshold)
+        b, lab, pasted = merge_boxes(boxes[img].to(cpu), labels[img].to(cpu), pb, pl, visibility_threshold)
         out_boxes.append(b)
         out_labels.append(lab)
         out_pasted.append(pasted)
-    op_table = torch.tensor(ops, dtype=torch.int64).reshape(-1, 7)
-    return PastePlan(op_table, out_boxes, out_labels, out_pasted)
+    return PastePlan(torch.tensor(kept_ops, dtype=torch.int64).reshape(-1, 7), out_boxes, out_labels, out_pasted)
 
 
-def paste_pixels_ref(images: list[torch.Tensor], ops: torch.Tensor, bank_pixels: torch.Tensor) -> list[torch.Tensor]:
-    """Apply the op table to images (list of Tensor[3, H, W] float in [0, 1]; modified in place and returned).
+def _taps(out_size: int, in_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Source indices i0, i1 and weight of i1 for each output index, float32 as PyTorch computes them."""
+    scale = torch.tensor(in_size, dtype=torch.float32) / torch.tensor(out_size, dtype=torch.float32)
+    src = ((torch.arange(out_size, device=device, dtype=torch.float32) + 0.5) * scale.to(device) - 0.5).clamp(min=0)
+    i0 = src.to(torch.int64)
+    return i0, (i0 + 1).clamp(max=in_size - 1), src - i0.to(torch.float32)
 
-    bank_pixels: Tensor[S_total, 3, S, S] uint8, the CropBank pixel store.
+
+def resize_bilinear(crop: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Tensor[C, s, s] (any dtype) -> Tensor[C, h, w] float32 in the crop's units: bilinear,
+    align_corners=False, no antialiasing (what F.interpolate does), written out so the Triton
+    kernel can follow it operation for operation: wy0 * (wx0 * v00 + wx1 * v01) + wy1 * (...)."""
+    y0, y1, wy1 = _taps(h, crop.shape[1], crop.device)
+    x0, x1, wx1 = _taps(w, crop.shape[2], crop.device)
+    wy0, wx0 = 1.0 - wy1, 1.0 - wx1
+    c = crop.to(torch.float32)
+    top, bottom = c[:, y0], c[:, y1]
+    row0 = wx0 * top[:, :, x0] + wx1 * top[:, :, x1]
+    row1 = wx0 * bottom[:, :, x0] + wx1 * bottom[:, :, x1]
+    return wy0[:, None] * row0 + wy1[:, None] * row1
+
+
+def paste_pixels_ref(images: list[torch.Tensor] | torch.Tensor, ops: torch.Tensor, bank_pixels: torch.Tensor,
+                     image_hw: list[tuple[int, int]] | torch.Tensor | None = None) -> list[torch.Tensor] | torch.Tensor:
+    """Apply the op table to images in place and return them.
+
+    images: list of Tensor[C, H, W], or a batch Tensor[N, C, H, W]; uint8 (0..255) or float
+    (0..1). image_hw: the valid (h, w) of each image (default: its full size); pastes are clipped
+    to it. bank_pixels: Tensor[S_total, C, s, s] uint8, the CropBank pixel store. The crop is
+    resized in 0..255 units; uint8 images get it rounded half up, float images divided by 255.
     """
     for img_i, slot, x0, y0, h, w, flip in ops.tolist():
         image = images[img_i]
-        _, H, W = image.shape
-        crop = bank_pixels[slot].to(image.device, torch.float32)[None] / 255.0
-        crop = F.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False)[0]
+        H, W = (int(v) for v in image_hw[img_i]) if image_hw is not None else image.shape[1:]
+        crop = resize_bilinear(bank_pixels[slot].to(image.device), h, w)
         if flip:
             crop = crop.flip(-1)
         xa, ya, xb, yb = max(x0, 0), max(y0, 0), min(x0 + w, W), min(y0 + h, H)
         if xb <= xa or yb <= ya:
             continue
-        image[:, ya:yb, xa:xb] = crop[:, ya - y0:yb - y0, xa - x0:xb - x0].to(image.dtype)
+        crop = crop[:, ya - y0:yb - y0, xa - x0:xb - x0]
+        if image.dtype == torch.uint8:
+            crop = torch.floor(crop + 0.5).clamp(0, 255)
+        else:
+            crop = crop / 255.0
+        image[:, ya:yb, xa:xb] = crop.to(image.dtype)
     return images

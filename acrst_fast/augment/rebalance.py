@@ -3,7 +3,7 @@
     acrst = ACRST(num_classes=80, device="cuda")
     acrst.add_ground_truth(images, gt_boxes, gt_labels)              # labeled weak views, once per image
     acrst.observe_teacher(weak_images, teacher_preds, pseudo_labels)  # every unlabeled step (collective)
-    images, boxes, labels, pasted = acrst.rebalance(strong_images, boxes, labels, generator)
+    images, boxes, labels, pasted = acrst.rebalance(strong_images, boxes, labels, generator)  # use these images
 
 images: list of Tensor[3, H, W] float in [0, 1]; boxes: list of Tensor[N, 4] (x1, y1, x2, y2)
 pixels; labels: list of Tensor[N] int64 1..K; teacher predictions/pseudo-labels: list of dicts
@@ -12,12 +12,16 @@ bank: selective supervision trains regression on unlabeled images only on those.
 """
 from __future__ import annotations
 
+import time
+
 import torch
 
 from acrst_fast import dist
 from acrst_fast.augment.affr import PseudoRecall, class_histogram, sampling_probs
 from acrst_fast.augment.cropbank import LABELED, PSEUDO, SOURCES, CropBank
-from acrst_fast.augment.paste import PasteConfig, PastePlan, paste_pixels_ref, plan_paste_ref
+from acrst_fast.augment.paste import PasteConfig, PastePlan
+from acrst_fast.augment.pixels import paste_pixels
+from acrst_fast.augment.planner import plan_paste
 
 
 class ACRST:
@@ -37,6 +41,25 @@ class ACRST:
         self.recall = PseudoRecall(num_classes, pr_window, pr_threshold)
         self.pl_counts = torch.zeros((pr_window, num_classes), dtype=torch.float64)  # kept pseudo-labels per class
         self.last_pasted_per_image = 0.0
+        # seconds spent per part (pr, bank, plan, paste) since the last `pop_seconds()`; with
+        # `sync_timing` the device is synchronised around each part (benchmarks), else it is not
+        self.sync_timing = False
+        self._seconds: dict[str, float] = {}
+
+    def _clock(self) -> float:
+        if self.sync_timing and self.bank.device.type == "cuda":
+            torch.cuda.synchronize(self.bank.device)
+        return time.perf_counter()
+
+    def _add_time(self, part: str, t0: float) -> float:
+        t1 = self._clock()
+        self._seconds[part] = self._seconds.get(part, 0.0) + t1 - t0
+        return t1
+
+    def pop_seconds(self) -> dict[str, float]:
+        """Seconds per part (pr, bank, plan, paste) since the last call, and reset."""
+        out, self._seconds = self._seconds, {}
+        return out
 
     def add_ground_truth(self, images: list[torch.Tensor], boxes: list[torch.Tensor], labels: list[torch.Tensor],
                          generator: torch.Generator | None = None) -> int:
@@ -48,13 +71,16 @@ class ACRST:
         """Update Pseudo Recall from all teacher predictions (score >= threshold) and put the kept
         pseudo-labels into the Pseudo bank. Collective when distributed (all-reduces PR and the
         pseudo-label class counts)."""
+        t0 = self._clock()
         step = self.recall.steps
         self.recall.update(predictions)
         counts = class_histogram(torch.cat([p["labels"] for p in pseudo_labels]), self.num_classes) \
             if pseudo_labels else torch.zeros(self.num_classes, dtype=torch.float64)
         self.pl_counts[step % len(self.pl_counts)] = dist.all_reduce_sum_tensor(counts)  # global, like PR
+        t0 = self._add_time("pr", t0)
         self.bank.add(PSEUDO, weak_images, [p["boxes"] for p in pseudo_labels], [p["labels"] for p in pseudo_labels],
                       [p["scores"] for p in pseudo_labels], generator)
+        self._add_time("bank", t0)
 
     def class_probs(self) -> torch.Tensor:
         """mu, Tensor[K] float64 (Eq. 9)."""
@@ -63,17 +89,22 @@ class ACRST:
     def plan(self, image_hw: list[tuple[int, int]], boxes: list[torch.Tensor], labels: list[torch.Tensor],
              generator: torch.Generator) -> PastePlan:
         slots, classes, size_hw = self.bank.entries(self.sources)
-        return plan_paste_ref(image_hw, boxes, labels, slots, classes, size_hw, self.class_probs(), self.paste_cfg,
-                              generator)
+        return plan_paste(image_hw, boxes, labels, slots, classes, size_hw, self.class_probs(), self.paste_cfg,
+                          generator)
 
     def rebalance(self, images: list[torch.Tensor], boxes: list[torch.Tensor], labels: list[torch.Tensor],
                   generator: torch.Generator):
-        """FBR (+ AFFR through mu): paste bank instances into `images` (in place), merge boxes.
+        """FBR (+ AFFR through mu): paste bank instances into `images`, merge boxes.
 
         Returns (images, boxes, labels, pasted) with boxes/labels/pasted on the images' device.
+        Use the returned images: on CPU they are the inputs, pasted in place; on CUDA, views of
+        one batch the Triton kernel pasted in a single launch (see `paste_pixels`).
         """
+        t0 = self._clock()
         plan = self.plan([tuple(im.shape[1:]) for im in images], boxes, labels, generator)
-        paste_pixels_ref(images, plan.ops, self.bank.pixels)
+        t0 = self._add_time("plan", t0)
+        images = paste_pixels(images, plan.ops.to(self.bank.device), self.bank.pixels)
+        self._add_time("paste", t0)
         self.last_pasted_per_image = len(plan.ops) / max(1, len(images))
         dev = images[0].device if images else torch.device("cpu")
         return (images, [b.to(dev) for b in plan.boxes], [lab.to(dev) for lab in plan.labels],

@@ -130,7 +130,7 @@ class LoggingHook(HookBase):
         local = {"total": sum(o.total for o in self._window) / n,
                  "images_per_s": sum(o.images for o in self._window) / max(elapsed, 1e-9),
                  "pseudo_per_image": sum(o.pseudo_per_image for o in self._window) / n}
-        for part in ("data", "teacher", "acrst", "metrics", "student"):
+        for part in dict.fromkeys(k for o in self._window for k in o.seconds):  # in order of first appearance
             local[f"time/{part}"] = sum(o.seconds.get(part, 0.0) for o in self._window) / n
         # a key is averaged over the steps that report it: a window spanning the switch from
         # pre-training to mutual learning averages unsup losses over the mutual steps only
@@ -233,6 +233,7 @@ class CheckpointHook(HookBase):
             "student": self.runner.student.state_dict(),
             "teacher": self.runner.teacher.state_dict(),
             "optimizer": self.runner.optimizer.state_dict(),
+            "grad_scaler": self.runner.precision.state_dict(),
             "rng": rngs,
             "eval_history": self.eval_hook.history if self.eval_hook else [],
             "config": self.config,
@@ -256,6 +257,7 @@ def restore(runner: MeanTeacher, path: Path, rank: int) -> tuple[int, list[dict]
     runner.student.load_state_dict(state["student"])
     runner.teacher.load_state_dict(state["teacher"])
     runner.optimizer.load_state_dict(state["optimizer"])
+    runner.precision.load_state_dict(state.get("grad_scaler", {}))
     rngs = state["rng"]
     ckpt.set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
     step = int(state["step"])

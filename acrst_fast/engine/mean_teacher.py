@@ -28,8 +28,12 @@ from torch import nn
 from acrst_fast.augment import ACRST, class_histogram
 from acrst_fast.config import Config
 from acrst_fast.data.loader import Batch, DataStage, sample_seed
+from acrst_fast.engine.amp import Precision, float_outputs
 from acrst_fast.engine.ema import ema_update
 from acrst_fast.ops import box_iou_ref
+from acrst_fast.pseudo_labels import filter_pseudo_labels
+from acrst_fast.ssmll.metrics import image_labels, negative_metrics
+from acrst_fast.ssmll.model import preprocess
 
 SUP_LOSS_TERMS = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg")
 UNSUP_LOSS_TERMS = ("loss_objectness", "loss_classifier")  # classification terms only (Eq. 5)
@@ -91,16 +95,6 @@ def match_counts(pseudo: list[dict[str, torch.Tensor]], gt_boxes: list[torch.Ten
     return tp, n_pl, n_gt
 
 
-def filter_pseudo_labels(predictions: list[dict[str, torch.Tensor]], tau_cls: float) -> list[dict[str, torch.Tensor]]:
-    """Keep teacher predictions with score >= tau_cls. Each dict: boxes Tensor[N, 4], labels Tensor[N], scores Tensor[N]."""
-    out = []
-    for p in predictions:
-        keep = p["scores"] >= tau_cls
-        out.append({"boxes": p["boxes"][keep].detach(), "labels": p["labels"][keep].detach(),
-                    "scores": p["scores"][keep].detach()})
-    return out
-
-
 class MeanTeacher:
     """Holds student, teacher, optimizer and data streams; `run_step(step)` does one step.
 
@@ -111,16 +105,22 @@ class MeanTeacher:
     def __init__(self, cfg: Config, student: nn.Module, student_losses: nn.Module, optimizer: torch.optim.Optimizer,
                  data: DataStage, device: torch.device, acrst: ACRST | None = None, labeled_bank_steps: int = 0,
                  class_names: tuple[str, ...] = (), gt_class_counts: torch.Tensor | None = None,
-                 rank: int = 0, world: int = 1, hidden_gt: bool = False):
+                 rank: int = 0, world: int = 1, hidden_gt: bool = False,
+                 classifier: nn.Module | None = None, classifier_size: int = 0):
         """acrst: None for plain Mean Teacher. labeled_bank_steps: steps during which labeled ground
         truths are offered to the Labeled bank (one pass over this rank's shard). hidden_gt: the
-        unlabeled data carries ground truth (same on every rank): log pseudo-label precision/recall."""
+        unlabeled data carries ground truth (same on every rank): log pseudo-label precision/recall.
+        classifier: the SSMLL network (eval mode) for two-stage / mining filtering, with its input size."""
         self.cfg, self.student, self.student_losses = cfg, student, student_losses
         self.optimizer, self.data, self.device = optimizer, data, device
         self.acrst, self.labeled_bank_steps = acrst, labeled_bank_steps
         self.class_names, self.gt_class_counts = class_names, gt_class_counts
         self.rank, self.world, self.hidden_gt = rank, world, hidden_gt
         self.selective = acrst is not None and cfg.acrst.selective_supervision
+        self.classifier, self.classifier_size = classifier, classifier_size
+        self.filter_mode = cfg.ssmll.filter
+        if self.filter_mode != "single" and classifier is None:
+            raise ValueError(f"ssmll.filter={self.filter_mode} needs the SSMLL classifier")
         self.teacher = copy.deepcopy(student).eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
@@ -128,6 +128,13 @@ class MeanTeacher:
         self._labeled: Iterator[Batch] | None = None
         self._unlabeled: Iterator[Batch] | None = None
         self._params = [p for p in student.parameters() if p.requires_grad]
+        self.precision = Precision(cfg.solver.amp, device)
+        self.sync_timing = False  # benchmarks: synchronise the GPU at each timing boundary
+
+    def _now(self) -> float:
+        if self.sync_timing and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
 
     def phase(self, step: int) -> str:
         return PHASE_PRETRAIN if step < self.pretrain_steps else PHASE_MUTUAL
@@ -145,55 +152,70 @@ class MeanTeacher:
         return torch.Generator().manual_seed(sample_seed(self.cfg.run.seed, 100 + purpose, step * self.world + self.rank))
 
     def run_step(self, step: int) -> StepOutput:
-        t0 = time.perf_counter()
+        t0 = self._now()
         if self._labeled is None:
             self.start(step)
         lab = next(self._labeled)
         lab_images, lab_targets = self._to(lab.strong), lab.targets(self.device)
         unl_images, unl_targets, pseudo, n_unl = None, None, None, 0
-        t_data = time.perf_counter()
+        t_data = self._now()
         if self.phase(step) == PHASE_MUTUAL:
             if step == self.pretrain_steps:
                 self.teacher.load_state_dict(self.student.state_dict())
             if self._unlabeled is None:
                 self._unlabeled = self.data.unlabeled(step - self.pretrain_steps)
             unl = next(self._unlabeled)
-            t_data = time.perf_counter()
+            t_data = self._now()
             weak = self._to(unl.weak)
-            with torch.no_grad():
-                predictions = self.teacher(weak)
-            pseudo = filter_pseudo_labels(predictions, self.cfg.mean_teacher.tau_cls)
+            with torch.no_grad(), self.precision.autocast():
+                predictions = float_outputs(self.teacher(weak))
+            stage1 = filter_pseudo_labels(predictions, self.cfg.mean_teacher.tau_cls)
+            pseudo, probs = stage1, None
+            if self.classifier is not None:
+                with torch.no_grad(), self.precision.autocast():
+                    probs = torch.sigmoid(self.classifier(preprocess(weak, self.classifier_size)).float())
+                m = self.cfg.ssmll
+                pseudo = filter_pseudo_labels(predictions, self.cfg.mean_teacher.tau_cls, probs, self.filter_mode,
+                                              m.tau_ml, m.tau_pos, m.mining_min_score)
             if self.acrst is not None:
                 self.acrst.observe_teacher(weak, predictions, pseudo, self._generator(step, 0))
             unl_images, n_unl = self._to(unl.strong), len(unl)
             unl_targets = [{"boxes": p["boxes"], "labels": p["labels"]} for p in pseudo]
-        t_teacher = time.perf_counter()
+        t_teacher = self._now()
 
         extras: dict[str, float] = {}
         if self.acrst is not None:
             if step < self.labeled_bank_steps:
                 self.acrst.add_ground_truth(self._to(lab.weak), [t["boxes"] for t in lab_targets],
                                             [t["labels"] for t in lab_targets], self._generator(step, 1))
-            lab_targets, pasted_lab = self._rebalance(lab_images, lab_targets, self._generator(step, 2), labeled=True)
+            lab_images, lab_targets, pasted_lab = self._rebalance(lab_images, lab_targets, self._generator(step, 2),
+                                                                  labeled=True)
             extras["acrst/pasted_per_image_labeled"] = pasted_lab
             if unl_images is not None:
-                unl_targets, pasted_unl = self._rebalance(unl_images, unl_targets, self._generator(step, 3),
-                                                          labeled=False)
+                unl_images, unl_targets, pasted_unl = self._rebalance(unl_images, unl_targets, self._generator(step, 3),
+                                                                      labeled=False)
                 extras["acrst/pasted_per_image_unlabeled"] = pasted_unl
-        t_paste = time.perf_counter()
+        t_paste = self._now()
         if self.acrst is not None:
             extras.update(self._diagnostics())
         if pseudo is not None and self.hidden_gt:  # pseudo-label quality against the hidden ground truth
             tp, n_pl, n_gt = match_counts(pseudo, unl.boxes, unl.labels)
             extras.update({"pseudo/tp": float(tp), "pseudo/num_pseudo": float(n_pl), "pseudo/num_hidden_gt": float(n_gt)})
+            if probs is not None:  # the same step's stage-1 (score only) pseudo-labels, and the classifier
+                tp1, n_pl1, _ = match_counts(stage1, unl.boxes, unl.labels)
+                extras.update({"pseudo/stage1/tp": float(tp1), "pseudo/stage1/num_pseudo": float(n_pl1)})
+                neg = negative_metrics(probs.cpu(), image_labels(unl.labels, probs.shape[1]), self.cfg.ssmll.tau_ml)
+                extras.update({"ssmll/true_negative": neg["neg_accuracy"] * neg["neg_predicted"] if neg["neg_predicted"] else 0.0,
+                               "ssmll/neg_predicted": neg["neg_predicted"], "ssmll/absent": neg["absent"]})
         if pseudo is not None:  # pseudo-label class histogram (report: GT vs pseudo-label distribution)
             counts = class_histogram(torch.cat([p["labels"] for p in pseudo]), len(self.class_names))
             for name, c in zip(self.class_names, counts.tolist()):
                 extras[f"pseudo/count/{name}"] = c
-        t_metrics = time.perf_counter()
+        t_metrics = self._now()
 
         self.student.train()
-        sup, unsup = self.student_losses(lab_images, lab_targets, unl_images, unl_targets)
+        with self.precision.autocast():
+            sup, unsup = self.student_losses(lab_images, lab_targets, unl_images, unl_targets)
         unsup_terms = UNSUP_LOSS_TERMS + (SELECTIVE_REG_TERMS if self.selective else ())
         loss = sum(sup[k] for k in SUP_LOSS_TERMS)
         if unsup:
@@ -203,11 +225,12 @@ class MeanTeacher:
                                      f"(sup {({k: float(v) for k, v in sup.items()})}, "
                                      f"unsup {({k: float(v) for k, v in unsup.items()})})")
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        self.precision.backward(loss)
         if self.cfg.solver.grad_clip_norm > 0:
+            self.precision.unscale(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self._params, self.cfg.solver.grad_clip_norm)
-        self.optimizer.step()
-        t_end = time.perf_counter()
+        self.precision.step(self.optimizer)
+        t_end = self._now()
         return StepOutput(
             phase=self.phase(step),
             sup={k: float(sup[k].detach()) for k in SUP_LOSS_TERMS},
@@ -216,15 +239,16 @@ class MeanTeacher:
             images=len(lab) + n_unl,
             pseudo_per_image=(sum(len(p["boxes"]) for p in pseudo) / max(1, n_unl)) if pseudo is not None else 0.0,
             seconds={"data": t_data - t0, "teacher": t_teacher - t_data, "acrst": t_paste - t_teacher,
-                     "metrics": t_metrics - t_paste, "student": t_end - t_metrics},
+                     "metrics": t_metrics - t_paste, "student": t_end - t_metrics,
+                     **({f"acrst_{k}": v for k, v in self.acrst.pop_seconds().items()} if self.acrst else {})},
             extras=extras,
         )
 
     def _rebalance(self, images: list[torch.Tensor], targets: list[dict], gen: torch.Generator,
-                   labeled: bool) -> tuple[list[dict], float]:
-        """Paste bank instances into `images` in place; targets gain the pasted boxes (and, on unlabeled
-        images with selective supervision, `reg_weight`: 1 for pasted boxes, 0 for pseudo-labels)."""
-        _, boxes, labels, pasted = self.acrst.rebalance(images, [t["boxes"] for t in targets],
+                   labeled: bool) -> tuple[list[torch.Tensor], list[dict], float]:
+        """Paste bank instances into `images`; targets gain the pasted boxes (and, on unlabeled images
+        with selective supervision, `reg_weight`: 1 for pasted boxes, 0 for pseudo-labels)."""
+        images, boxes, labels, pasted = self.acrst.rebalance(images, [t["boxes"] for t in targets],
                                                         [t["labels"] for t in targets], gen)
         out = []
         for b, lab, p in zip(boxes, labels, pasted):
@@ -232,7 +256,7 @@ class MeanTeacher:
             if not labeled and self.selective:
                 t["reg_weight"] = p.float()
             out.append(t)
-        return out, self.acrst.last_pasted_per_image
+        return images, out, self.acrst.last_pasted_per_image
 
     def _diagnostics(self) -> dict[str, float]:
         d = self.acrst.diagnostics(self.gt_class_counts)

@@ -1,0 +1,105 @@
+"""The SSMLL classifier: CNN feature tokens + label embeddings -> transformer encoder -> K logits.
+
+In the spirit of C-Tran (Lanchantin et al. 2021): the backbone's last feature map (stride 32)
+is projected to `dim` channels and flattened into h*w tokens; K learned label embeddings are
+appended; a pre-norm transformer encoder mixes them; logit_k = <w_k, label token k> + b_k.
+
+Inputs: Tensor[B, 3, S, S] normalised with the ImageNet mean/std (`preprocess` does it from
+images in [0, 1] of any size). Output: Tensor[B, K] logits, class k = label k + 1 of the detector.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models import mobilenet_v2, resnet18, resnet50
+
+from acrst_fast.config import SSMLLConfig
+from acrst_fast.models.detector import WeightsError, load_matching, load_state_dict_file
+
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+
+def _trunk(backbone: str, weights: str) -> tuple[nn.Module, int]:
+    if backbone == "mobilenet_v2":
+        net = mobilenet_v2(weights=None)
+        if weights:
+            load_matching(net, load_state_dict_file(weights), weights, ignore=("classifier.",))
+        return net.features, 1280
+    net = (resnet50 if backbone == "resnet50" else resnet18)(weights=None)
+    if weights:
+        load_matching(net, load_state_dict_file(weights), weights, ignore=("fc.",))
+    trunk = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4)
+    return trunk, 2048 if backbone == "resnet50" else 512
+
+
+class SSMLLNet(nn.Module):
+    def __init__(self, backbone: str, num_classes: int, dim: int = 256, layers: int = 2, heads: int = 4,
+                 backbone_weights: str = ""):
+        super().__init__()
+        self.num_classes = num_classes
+        self.trunk, channels = _trunk(backbone, backbone_weights)
+        self.proj = nn.Conv2d(channels, dim, kernel_size=1)
+        self.label_embed = nn.Parameter(torch.randn(num_classes, dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=2 * dim, dropout=0.1, batch_first=True,
+                                           norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        self.head_weight = nn.Parameter(torch.randn(num_classes, dim) * dim ** -0.5)
+        self.head_bias = nn.Parameter(torch.zeros(num_classes))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images: Tensor[B, 3, S, S] normalised -> logits Tensor[B, K]."""
+        feats = self.proj(self.trunk(images))  # [B, D, h, w]
+        tokens = feats.flatten(2).transpose(1, 2)  # [B, h*w, D]
+        labels = self.label_embed.unsqueeze(0).expand(len(images), -1, -1)
+        out = self.norm(self.encoder(torch.cat([tokens, labels], dim=1))[:, -self.num_classes:])  # [B, K, D]
+        return (out * self.head_weight).sum(-1) + self.head_bias
+
+
+def preprocess(images: list[torch.Tensor] | torch.Tensor, size: int) -> torch.Tensor:
+    """Images in [0, 1] (list of Tensor[3, H, W], any sizes, or a batch) -> Tensor[B, 3, size, size],
+    resized (bilinear, antialiased) and normalised."""
+    batch = torch.stack([F.interpolate(im[None].float(), size=(size, size), mode="bilinear", align_corners=False,
+                                       antialias=True)[0] for im in images])
+    mean = torch.tensor(MEAN, device=batch.device)[:, None, None]
+    std = torch.tensor(STD, device=batch.device)[:, None, None]
+    return (batch - mean) / std
+
+
+def build_ssmll(cfg: SSMLLConfig, num_classes: int) -> SSMLLNet:
+    return SSMLLNet(cfg.backbone, num_classes, cfg.dim, cfg.layers, cfg.heads, cfg.backbone_weights)
+
+
+def save_classifier(path: Path, model: nn.Module, cfg: SSMLLConfig, class_names: tuple[str, ...]) -> None:
+    """The file the detector's two-stage filter reads: weights plus what rebuilds the network."""
+    from acrst_fast.engine.checkpoint import atomic_save
+
+    atomic_save({"kind": "ssmll_classifier", "state": model.state_dict(), "ssmll": dataclasses.asdict(cfg),
+                 "class_names": list(class_names)}, path)
+
+
+def load_classifier(path: str | Path, class_names: tuple[str, ...],
+                    device: torch.device | str = "cpu") -> tuple[SSMLLNet, int]:
+    """Load `save_classifier`'s file -> (network in eval mode on `device`, its input size).
+
+    Raises WeightsError naming the file when it is not an SSMLL classifier or was trained on
+    other classes than `class_names`.
+    """
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError, EOFError) as exc:
+        raise WeightsError(f"{path}: cannot read the SSMLL classifier: {exc}") from None
+    if not isinstance(blob, dict) or blob.get("kind") != "ssmll_classifier":
+        raise WeightsError(f"{path}: not an SSMLL classifier file (train one with python -m acrst_fast.train_ssmll)")
+    if tuple(blob["class_names"]) != tuple(class_names):
+        raise WeightsError(f"{path}: classifier classes {blob['class_names']} differ from the dataset's {list(class_names)}")
+    fields = {f.name for f in dataclasses.fields(SSMLLConfig)}
+    cfg = SSMLLConfig(**{k: v for k, v in blob["ssmll"].items() if k in fields} | {"backbone_weights": ""})
+    model = build_ssmll(cfg, len(class_names))
+    model.load_state_dict(blob["state"])
+    return model.to(device).eval(), cfg.input_size
