@@ -59,7 +59,7 @@ setup(
     python_requires=">=3.10",
     packages=[
         "acrst_fast", "acrst_fast.augment", "acrst_fast.data", "acrst_fast.models", "acrst_fast.engine",
-        "acrst_fast.evaluation", "acrst_fast.ops", "acrst_fast.kernels",
+        "acrst_fast.evaluation", "acrst_fast.ops", "acrst_fast.ssmll", "acrst_fast.kernels",
     ],
     package_dir={"acrst_fast.kernels": "kernels"},
     ext_modules=[CMakeExtension("acrst_fast._C")],

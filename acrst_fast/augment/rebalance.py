@@ -103,7 +103,7 @@ class ACRST:
         t0 = self._clock()
         plan = self.plan([tuple(im.shape[1:]) for im in images], boxes, labels, generator)
         t0 = self._add_time("plan", t0)
-        images = paste_pixels(images, plan.ops.to(self.bank.device), self.bank.pixels)
+        images = paste_pixels(images, plan.ops, self.bank.pixels)  # the op table stays on the host
         self._add_time("paste", t0)
         self.last_pasted_per_image = len(plan.ops) / max(1, len(images))
         dev = images[0].device if images else torch.device("cpu")

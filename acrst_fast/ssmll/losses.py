@@ -6,6 +6,8 @@ averaged over images and classes. gamma = 0 is plain BCE.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -23,12 +25,17 @@ def focal_bce(logits: torch.Tensor, targets: torch.Tensor, gamma: float = 2.0) -
     return loss.mean()
 
 
+def _softplus(x: float) -> float:
+    return max(x, 0.0) + math.log1p(math.exp(-abs(x)))
+
+
 def focal_bce_ref(logits: torch.Tensor, targets: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
-    """The definition, element by element in float64 (tests only)."""
-    total = 0.0
-    lg, tg = logits.double().flatten().tolist(), targets.double().flatten().tolist()
-    for z, y in zip(lg, tg):
-        p = 1.0 / (1.0 + torch.exp(torch.tensor(-z, dtype=torch.float64)).item())
-        total += -(y * (1 - p) ** gamma * torch.log(torch.tensor(p, dtype=torch.float64)).item()
-                   + (1 - y) * p ** gamma * torch.log1p(torch.tensor(-p, dtype=torch.float64)).item())
-    return torch.tensor(total / max(1, len(lg)), dtype=torch.float64)
+    """The definition, element by element in float64 Python floats (tests only), with
+    log p = -softplus(-z) and log(1 - p) = -softplus(z) so saturated logits stay exact."""
+    total, n = 0.0, 0
+    for z, y in zip(logits.double().flatten().tolist(), targets.double().flatten().tolist()):
+        log_p, log_not_p = -_softplus(-z), -_softplus(z)
+        p = math.exp(log_p)
+        total += -(y * (1 - p) ** gamma * log_p + (1 - y) * p ** gamma * log_not_p)
+        n += 1
+    return torch.tensor(total / max(1, n), dtype=torch.float64)

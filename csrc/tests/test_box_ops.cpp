@@ -4,15 +4,7 @@
 #include <limits>
 
 #include "box_ops.h"
-
-static int failures = 0;
-#define CHECK(cond)                                                    \
-  do {                                                                 \
-    if (!(cond)) {                                                     \
-      std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-      ++failures;                                                      \
-    }                                                                  \
-  } while (0)
+#include "check.h"
 
 int main() {
   const float a[] = {0, 0, 10, 10, 5, 5, 15, 15};

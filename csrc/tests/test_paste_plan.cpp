@@ -3,16 +3,8 @@
 #include <cstdio>
 #include <vector>
 
+#include "check.h"
 #include "paste_plan.h"
-
-static int failures = 0;
-#define CHECK(cond)                                                                 \
-  do {                                                                              \
-    if (!(cond)) {                                                                  \
-      std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-      ++failures;                                                                   \
-    }                                                                               \
-  } while (0)
 
 int main() {
   // union of two overlapping rectangles inside a box: 10x10 + 10x10 - 5x5 overlap

@@ -1,0 +1,88 @@
+"""SSMLL views: square images (input_size x input_size) with weak and strong augmentation.
+
+A stream of positions p = step * batch + j visits the records in a fresh permutation per epoch
+(seeded by (seed, stream, epoch)); each item's augmentation is seeded by (seed, stream, p). So
+the batch of any step is a function of the step alone, and a resumed run sees the same data.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from acrst_fast.config import AugmentConfig
+from acrst_fast.data.coco import ImageRecord, decode_image
+from acrst_fast.data.loader import sample_seed
+from acrst_fast.data.transforms import strong_photometric
+from acrst_fast.ssmll.metrics import image_labels
+
+
+def square(image: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 Tensor[3, H, W] -> float Tensor[3, size, size] in [0, 1] (bilinear, antialiased)."""
+    return F.interpolate(image[None].float() / 255.0, size=(size, size), mode="bilinear", align_corners=False,
+                         antialias=True)[0].clamp(0, 1)
+
+
+class SquareViews(Dataset):
+    """Item p of stream `stream`: {"weak", "strong": Tensor[3, S, S], "labels": Tensor[K] multi-hot}."""
+
+    def __init__(self, records: list[ImageRecord], num_classes: int, size: int, augment: AugmentConfig, seed: int,
+                 stream: int, train: bool = True):
+        self.records, self.num_classes, self.size, self.augment = records, num_classes, size, augment
+        self.seed, self.stream, self.train = seed, stream, train
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def record_index(self, position: int) -> int:
+        n = len(self.records)
+        epoch, offset = divmod(position, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(sample_seed(self.seed, self.stream, -1 - epoch)))
+        return int(perm[offset])
+
+    def __getitem__(self, position: int) -> dict:
+        idx = self.record_index(position) if self.train else position
+        rec = self.records[idx]
+        weak = square(decode_image(rec), self.size)
+        labels = image_labels([torch.from_numpy(rec.labels)], self.num_classes)[0]
+        if not self.train:
+            return {"weak": weak, "strong": weak, "labels": labels}
+        gen = torch.Generator().manual_seed(sample_seed(self.seed, self.stream, position))
+        if self.augment.flip_prob > 0 and float(torch.rand((), generator=gen)) < self.augment.flip_prob:
+            weak = weak.flip(-1)
+        return {"weak": weak, "strong": strong_photometric(weak, gen, self.augment), "labels": labels}
+
+
+class StepBatches(Sampler):
+    """Batches of positions for steps start, start + 1, ...: [step * batch, (step + 1) * batch)."""
+
+    def __init__(self, batch: int, start_step: int, end_step: int):
+        self.batch, self.start, self.end = batch, start_step, end_step
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for step in range(self.start, self.end):
+            yield list(range(step * self.batch, (step + 1) * self.batch))
+
+    def __len__(self) -> int:
+        return max(0, self.end - self.start)
+
+
+def _collate(items: list[dict]) -> dict:
+    return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+
+
+def step_loader(views: SquareViews, batch: int, start_step: int, end_step: int, workers: int) -> DataLoader:
+    """Batches {"weak", "strong": Tensor[B, 3, S, S], "labels": Tensor[B, K]} for the given steps."""
+    # its own generator: creating the iterator must not draw from the global RNG (exact resume)
+    gen = torch.Generator().manual_seed(sample_seed(views.seed, views.stream, start_step))
+    return DataLoader(views, batch_sampler=StepBatches(batch, start_step, end_step), num_workers=workers,
+                      collate_fn=_collate, generator=gen)
+
+
+def eval_loader(records: list[ImageRecord], num_classes: int, size: int, augment: AugmentConfig,
+                batch: int, workers: int) -> DataLoader:
+    views = SquareViews(records, num_classes, size, augment, seed=0, stream=0, train=False)
+    return DataLoader(views, batch_size=batch, shuffle=False, num_workers=workers, collate_fn=_collate,
+                      generator=torch.Generator().manual_seed(0))

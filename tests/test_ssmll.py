@@ -1,0 +1,166 @@
+"""SSMLL classifier, its training, and two-stage pseudo-label filtering."""
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from acrst_fast.config import load_config
+from acrst_fast.models.detector import WeightsError
+from acrst_fast.pseudo_labels import filter_pseudo_labels
+from acrst_fast.ssmll import focal_bce, focal_bce_ref, image_labels, load_classifier, negative_metrics
+from acrst_fast.ssmll.model import build_ssmll, preprocess, save_classifier
+from acrst_fast.train_ssmll import SSMLLTrainer
+from conftest import REPO, tiny_config_dict, write_config
+
+TINY_SSMLL = {"backbone": "resnet18", "input_size": 64, "dim": 32, "layers": 1, "heads": 2, "total_steps": 4,
+              "pretrain_steps": 2, "batch_labeled": 2, "batch_unlabeled": 2, "lr": 1e-3, "checkpoint_period": 2,
+              "ema_decay": 0.9}
+
+
+def _preds():
+    """Image 0: a 0.95 'class 2' box, a 0.9 'class 1' box, a 0.5 'class 3' box, a 0.4 'class 1' box."""
+    return [{"boxes": torch.arange(16.0).reshape(4, 4).cumsum(1), "labels": torch.tensor([2, 1, 3, 1]),
+             "scores": torch.tensor([0.95, 0.9, 0.5, 0.4])}]
+
+
+def test_two_stage_drops_high_score_boxes_of_negative_classes():
+    probs = torch.tensor([[0.9, 0.1, 0.8]])  # class 2 negative (0.1 < 0.2), classes 1 and 3 positive
+    single = filter_pseudo_labels(_preds(), 0.7)
+    assert single[0]["labels"].tolist() == [2, 1]
+    two = filter_pseudo_labels(_preds(), 0.7, probs, mode="two_stage", tau_ml=0.2)
+    assert two[0]["labels"].tolist() == [1] and two[0]["scores"].tolist() == [pytest.approx(0.9)]
+    assert two[0]["boxes"].tolist() == _preds()[0]["boxes"][1:2].tolist()
+    # at tau_ml 0.05 the classifier marks nothing negative: two-stage equals single-stage
+    loose = filter_pseudo_labels(_preds(), 0.7, probs, mode="two_stage", tau_ml=0.05)
+    assert loose[0]["labels"].tolist() == [2, 1]
+
+
+def test_mining_keeps_the_union():
+    probs = torch.tensor([[0.9, 0.1, 0.8]])
+    mined = filter_pseudo_labels(_preds(), 0.7, probs, mode="mining", tau_pos=0.7, mining_min_score=0.45)
+    # high score (2, 1) OR classifier-positive with score >= 0.45 (the 0.5 class-3 box); not the 0.4 box
+    assert mined[0]["labels"].tolist() == [2, 1, 3]
+    assert filter_pseudo_labels(_preds(), 0.7, probs, mode="mining", tau_pos=0.7,
+                                mining_min_score=0.3)[0]["labels"].tolist() == [2, 1, 3, 1]
+
+
+def test_filter_rejects_bad_use():
+    with pytest.raises(ValueError, match="needs the classifier's image_probs"):
+        filter_pseudo_labels(_preds(), 0.7, mode="two_stage")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        filter_pseudo_labels(_preds(), 0.7, torch.ones(1, 3), mode="both")
+    with pytest.raises(ValueError, match="labels must lie in 1..2"):
+        filter_pseudo_labels(_preds(), 0.7, torch.ones(1, 2), mode="two_stage")
+    empty = [{"boxes": torch.zeros((0, 4)), "labels": torch.zeros(0, dtype=torch.int64), "scores": torch.zeros(0)}]
+    assert len(filter_pseudo_labels(empty, 0.7, torch.ones(1, 3), mode="two_stage")[0]["boxes"]) == 0
+
+
+@pytest.mark.parametrize("gamma", [0.0, 1.0, 2.0])
+def test_focal_bce_matches_float64_reference(gamma):
+    seed = random.SystemRandom().randrange(2**31)
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(5, 7, generator=gen) * 4
+    logits[0, :3] = torch.tensor([40.0, -40.0, 0.0])  # saturated and neutral
+    targets = (torch.rand(5, 7, generator=gen) < 0.4).float()
+    targets[1] = torch.rand(7, generator=gen)  # soft targets
+    got = focal_bce(logits, targets, gamma)
+    torch.testing.assert_close(got.double(), focal_bce_ref(logits, targets, gamma), atol=1e-6, rtol=1e-5,
+                               msg=lambda m: f"seed {seed}: {m}")
+    assert torch.isfinite(got)
+    if gamma == 0:
+        torch.testing.assert_close(got, torch.nn.functional.binary_cross_entropy_with_logits(logits, targets))
+
+
+def test_image_labels_and_negative_metrics():
+    t = image_labels([torch.tensor([1, 1, 3]), torch.zeros(0, dtype=torch.int64)], 3)
+    assert t.tolist() == [[1, 0, 1], [0, 0, 0]]
+    probs = torch.tensor([[0.9, 0.05, 0.1], [0.3, 0.01, 0.15]])
+    m = negative_metrics(probs, t, 0.2)
+    # predicted negative: (0,1) absent, (0,2) present!, (1,1) absent, (1,2) absent -> 3 of 4 right
+    # absent: (0,1), (1,0), (1,1), (1,2) -> 3 of 4 predicted negative
+    assert m["neg_accuracy"] == pytest.approx(0.75) and m["neg_recall"] == pytest.approx(0.75)
+
+
+def _tiny_cfg(tmp_path, tiny_demo, **ssmll):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    raw = tiny_config_dict(tiny_demo, tmp_path / "run")
+    raw["ssmll"] = {**TINY_SSMLL, "output_dir": str(tmp_path / "ssmll"), **ssmll}
+    return write_config(tmp_path / "c.yaml", raw)
+
+
+def test_ssmll_training_step_lowers_loss(tmp_path, tiny_demo):
+    cfg = load_config(_tiny_cfg(tmp_path, tiny_demo))
+    trainer = SSMLLTrainer(cfg, 4, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)
+    lab = {"strong": torch.rand(4, 3, 64, 64, generator=gen), "labels": (torch.rand(4, 4, generator=gen) < 0.5).float()}
+    losses = [trainer.step(s, lab, None)["loss"] for s in range(20)]
+    assert sum(losses[-3:]) / 3 < 0.6 * sum(losses[:3]) / 3, losses
+    unl = {"weak": lab["strong"], "strong": lab["strong"]}
+    teacher_before = [p.clone() for p in trainer.teacher.parameters()]
+    out = trainer.step(cfg.ssmll.pretrain_steps, lab, unl)  # mutual: teacher copied, then EMA-updated
+    assert "loss_unsup" in out and out["positives_per_image"] >= 0
+    assert any(not torch.equal(a, b) for a, b in zip(teacher_before, trainer.teacher.parameters()))
+
+
+def test_classifier_file_round_trip(tmp_path):
+    cfg = load_config(REPO / "configs" / "demo.yaml", [f"ssmll.{k}={v}" for k, v in TINY_SSMLL.items()]
+                      + ["ssmll.backbone_weights=''"])
+    model = build_ssmll(cfg.ssmll, 3).eval()
+    names = ("a", "b", "c")
+    save_classifier(tmp_path / "cls.pt", model, cfg.ssmll, names)
+    loaded, size = load_classifier(tmp_path / "cls.pt", names)
+    x = preprocess([torch.rand(3, 50, 70), torch.rand(3, 64, 64)], size)
+    assert size == 64 and x.shape == (2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+    with pytest.raises(WeightsError, match="differ from the dataset"):
+        load_classifier(tmp_path / "cls.pt", ("a", "b", "z"))
+    torch.save({"weights": 1}, tmp_path / "other.pt")
+    with pytest.raises(WeightsError, match="other.pt: not an SSMLL classifier"):
+        load_classifier(tmp_path / "other.pt", names)
+
+
+@pytest.mark.slow
+def test_train_ssmll_cli_resumes_exactly(tmp_path, tiny_demo, cpu_env):
+    """4 steps straight vs 2 steps, stop, --resume to 4: the same classifier, bit for bit."""
+    def run(cfg, *extra):
+        proc = subprocess.run([sys.executable, "-m", "acrst_fast.train_ssmll", str(cfg), *extra], env=cpu_env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout
+
+    straight = _tiny_cfg(tmp_path / "a", tiny_demo)
+    out = run(straight)
+    assert "neg accuracy" in out and (tmp_path / "a" / "ssmll" / "ssmll_teacher.pt").is_file()
+    split = _tiny_cfg(tmp_path / "b", tiny_demo)
+    run(split, "ssmll.total_steps=2")  # as if stopped after the step-2 checkpoint
+    (tmp_path / "b" / "ssmll" / "ssmll_teacher.pt").unlink()
+    again = subprocess.run([sys.executable, "-m", "acrst_fast.train_ssmll", str(split)], env=cpu_env,
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 2 and "pass --resume" in again.stderr  # never silently overwrites
+    assert "[resume]" in run(split, "--resume")
+    a = torch.load(tmp_path / "a" / "ssmll" / "ssmll_teacher.pt", weights_only=False)["state"]
+    b = torch.load(tmp_path / "b" / "ssmll" / "ssmll_teacher.pt", weights_only=False)["state"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_stage_mutual_step_logs_both_stages(tmp_path, tiny_demo):
+    from test_train import _runner
+
+    cfg = load_config(REPO / "configs" / "demo.yaml", [f"ssmll.{k}={v}" for k, v in TINY_SSMLL.items()]
+                      + ["ssmll.backbone_weights=''"])
+    runner = _runner(tmp_path, tiny_demo, solver={"total_steps": 4, "pretrain_steps": 1})
+    classifier = build_ssmll(cfg.ssmll, 4).eval()
+    with torch.no_grad():
+        classifier.head_bias.fill_(-20.0)  # every class negative: stage 2 removes every pseudo-label
+    runner.classifier, runner.classifier_size, runner.filter_mode = classifier, 64, "two_stage"
+    runner.hidden_gt = True
+    runner.cfg = runner.cfg.__class__(**{**runner.cfg.__dict__,
+                                         "mean_teacher": runner.cfg.mean_teacher.__class__(tau_cls=0.0, ema_decay=0.5)})
+    runner.start(0)
+    runner.run_step(0)
+    out = runner.run_step(1)
+    assert out.extras["pseudo/stage1/num_pseudo"] > 0 and out.extras["pseudo/num_pseudo"] == 0
+    assert out.pseudo_per_image == 0 and out.extras["ssmll/neg_predicted"] == 2 * 4
