@@ -58,7 +58,9 @@ class DataConfig:
     split_fold: int = 1
     split_dir: str = ""
     demo: DemoDataConfig | None = None
-    num_workers: int = 2
+    num_workers: int = 2  # torch pipeline: DataLoader worker processes; dali: the pipeline's CPU threads
+    pipeline: str = "torch"  # torch (DataLoader + torchvision) | dali (NVIDIA DALI; GPU when training on CUDA)
+    bad_images: str = "fail"  # fail (stop with the file's path) | skip (drop it from its batch, count in the log)
 
 
 @dataclass(frozen=True)
@@ -370,6 +372,8 @@ def _check_values(cfg: Config, source: str) -> None:
     need(len(a.blur_sigma) == 2, "augment.blur_sigma", "must be [min, max]")
     need(all(len(c) == 3 for c in a.cutout), "augment.cutout", "entries must be [prob, min_area, max_area]")
     need(cfg.run.device in ("auto", "cpu", "cuda"), "run.device", "must be auto, cpu or cuda")
+    need(cfg.data.pipeline in ("torch", "dali"), "data.pipeline", f"must be torch or dali; got '{cfg.data.pipeline}'")
+    need(cfg.data.bad_images in ("fail", "skip"), "data.bad_images", f"must be fail or skip; got '{cfg.data.bad_images}'")
     need(0.0 <= cfg.data.split_percent <= 100.0, "data.split_percent", "must be in [0, 100]")
     r = cfg.acrst
     need(len(r.n_range) == 2 and 0 <= r.n_range[0] <= r.n_range[1], "acrst.n_range", "must be [N_min, N_max], 0 <= N_min <= N_max")

@@ -180,8 +180,17 @@ def fig_pseudo_quality(logs: RunLogs, out: Path) -> str | None:
     precision = [r["pseudo/tp"] / r["pseudo/num_pseudo"] if r["pseudo/num_pseudo"] else float("nan") for r in recs]
     recall = [r["pseudo/tp"] / r["pseudo/num_hidden_gt"] if r["pseudo/num_hidden_gt"] else float("nan") for r in recs]
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(steps, precision, label="precision")
-    ax.plot(steps, recall, label="recall")
+    two_stage = any("pseudo/stage1/tp" in r for r in recs)  # two-stage filtering: stage 1 dashed (Fig. 5a)
+    ax.plot(steps, precision, label="precision (after stage 2)" if two_stage else "precision")
+    ax.plot(steps, recall, label="recall (after stage 2)" if two_stage else "recall")
+    if two_stage:
+        s1 = [r for r in recs if "pseudo/stage1/tp" in r]
+        ax.plot([r["step"] for r in s1], [r["pseudo/stage1/tp"] / r["pseudo/stage1/num_pseudo"]
+                                          if r["pseudo/stage1/num_pseudo"] else float("nan") for r in s1],
+                "--", color="C0", label="precision (stage 1: score only)")
+        ax.plot([r["step"] for r in s1], [r["pseudo/stage1/tp"] / r["pseudo/num_hidden_gt"]
+                                          if r["pseudo/num_hidden_gt"] else float("nan") for r in s1],
+                "--", color="C1", label="recall (stage 1: score only)")
     ax.set(xlabel="step", ylim=(0, 1.02), title="pseudo-label quality vs hidden ground truth (IoU >= 0.5)")
     ax.legend()
     return _save(fig, out, "pseudo_quality.png")

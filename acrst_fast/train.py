@@ -24,6 +24,7 @@ from acrst_fast.augment import ACRST, PasteConfig, class_histogram
 from acrst_fast.config import Config, ConfigError, check_paths, config_to_dict, dump_config, load_config
 from acrst_fast.data.build import load_datasets, prepare_data, resolved_data
 from acrst_fast.data.coco import DataError
+from acrst_fast.data.dali_stage import DaliDataStage
 from acrst_fast.data.loader import TorchDataStage
 from acrst_fast.engine import checkpoint as ckpt
 from acrst_fast.engine.hooks import (
@@ -192,7 +193,7 @@ def _install_stop_handler(trainer: Trainer) -> None:
 
 
 def build_runner(cfg: Config, datasets, info, source: str,
-                 labeled_counts: torch.Tensor | None = None) -> tuple[MeanTeacher, TorchDataStage]:
+                 labeled_counts: torch.Tensor | None = None) -> tuple[MeanTeacher, TorchDataStage | DaliDataStage]:
     """Student, optimizer, data stage, ACRST (when `acrst.fbr`) and the Mean Teacher runner of one rank.
 
     datasets: `load_datasets(...)`; info: `dist.init()`'s rank/world/device; source: the config's
@@ -210,11 +211,18 @@ def build_runner(cfg: Config, datasets, info, source: str,
     if info.world > 1:
         losses = DistributedDataParallel(losses, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
     batch_labeled = _per_rank(cfg.solver.batch_labeled, info.world, "solver.batch_labeled", source)
-    stage = TorchDataStage(
-        datasets.labeled, datasets.unlabeled, datasets.val, cfg.augment, batch_labeled=batch_labeled,
+    stage_args = dict(
+        batch_labeled=batch_labeled,
         batch_unlabeled=_per_rank(cfg.solver.batch_unlabeled, info.world, "solver.batch_unlabeled", source),
-        seed=cfg.run.seed, rank=info.rank, world=info.world, num_workers=cfg.data.num_workers,
+        seed=cfg.run.seed, rank=info.rank, world=info.world, bad_images=cfg.data.bad_images,
         labeled_views=("weak", "strong") if cfg.acrst.fbr else ("strong",))
+    if cfg.data.pipeline == "dali":
+        device_id = info.device.index if info.device.type == "cuda" else None
+        stage = DaliDataStage(datasets.labeled, datasets.unlabeled, datasets.val, cfg.augment, device_id=device_id,
+                              threads=max(1, cfg.data.num_workers), **stage_args)
+    else:
+        stage = TorchDataStage(datasets.labeled, datasets.unlabeled, datasets.val, cfg.augment,
+                               num_workers=cfg.data.num_workers, **stage_args)
     acrst = build_acrst(cfg, datasets.categories.num_classes, info.device) if cfg.acrst.fbr else None
     classifier, classifier_size = None, 0
     if cfg.ssmll.filter != "single":

@@ -12,6 +12,7 @@ the checkpoint was written.
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass, field
 from typing import Iterator, Protocol
 
@@ -24,6 +25,7 @@ from acrst_fast.data.transforms import (
     Geometry, apply_geometry_to_boxes, apply_geometry_to_image, sample_geometry, strong_photometric,
 )
 
+log = logging.getLogger(__name__)
 STREAM_LABELED, STREAM_UNLABELED, STREAM_VAL = 0, 1, 2
 
 
@@ -144,10 +146,10 @@ class DetectionViews(Dataset):
         }
 
 
-def collate(items: list[dict]) -> Batch | DataError:
+def collate(items: list[dict]) -> tuple[Batch, list[str]]:
+    """(the batch of the items that decoded, the error messages of those that did not)."""
     errors = [it["error"] for it in items if "error" in it]
-    if errors:
-        return DataError(errors[0])
+    items = [it for it in items if "error" not in it]
     return Batch(
         image_ids=[it["image_id"] for it in items],
         weak=[it["weak"] for it in items if it["weak"] is not None],
@@ -156,14 +158,31 @@ def collate(items: list[dict]) -> Batch | DataError:
         labels=[it["labels"] for it in items],
         geometry=[it["geometry"] for it in items],
         orig_hw=[it["orig_hw"] for it in items],
-    )
+    ), errors
 
 
-def _raise_errors(batches) -> Iterator[Batch]:
-    for batch in batches:
-        if isinstance(batch, DataError):
-            raise batch
-        yield batch
+class BadImagePolicy:
+    """`data.bad_images`: "fail" raises the first DataError (path and problem); "skip" drops the
+    image from its batch and logs it with a running count (a batch left empty is not yielded)."""
+
+    def __init__(self, mode: str = "fail"):
+        if mode not in ("fail", "skip"):
+            raise ValueError(f"data.bad_images must be fail or skip, got '{mode}'")
+        self.mode, self.skipped = mode, 0
+
+    def report(self, message: str) -> None:
+        if self.mode == "fail":
+            raise DataError(message)
+        self.skipped += 1
+        log.warning("[data] skipped %s (%d skipped so far)", message, self.skipped)
+
+
+def _checked(batches, policy: BadImagePolicy) -> Iterator[Batch]:
+    for batch, errors in batches:
+        for message in errors:
+            policy.report(message)
+        if len(batch):
+            yield batch
 
 
 class TorchDataStage:
@@ -171,8 +190,11 @@ class TorchDataStage:
 
     def __init__(self, labeled: list[ImageRecord], unlabeled: list[ImageRecord], val: list[ImageRecord],
                  aug: AugmentConfig, batch_labeled: int, batch_unlabeled: int, seed: int, rank: int, world: int,
-                 num_workers: int, val_batch: int = 4, labeled_views: tuple[str, ...] = ("strong",)):
-        """labeled_views: ("weak", "strong") when something (the CropBank) needs the labeled weak view."""
+                 num_workers: int, val_batch: int = 4, labeled_views: tuple[str, ...] = ("strong",),
+                 bad_images: str = "fail"):
+        """labeled_views: ("weak", "strong") when something (the CropBank) needs the labeled weak view.
+        bad_images: what a missing or undecodable image does (`BadImagePolicy`)."""
+        self.policy = BadImagePolicy(bad_images)
         self.sets = {
             STREAM_LABELED: DetectionViews(labeled, aug, labeled_views, train=True, with_boxes=True),
             STREAM_UNLABELED: DetectionViews(unlabeled, aug, ("weak", "strong"), train=True, with_boxes=True),
@@ -193,7 +215,7 @@ class TorchDataStage:
         loader = DataLoader(ds, batch_size=self.batch[stream], sampler=sampler, collate_fn=collate,
                             num_workers=self.num_workers, prefetch_factor=2 if self.num_workers > 0 else None,
                             generator=base)
-        return _raise_errors(loader)
+        return _checked(loader, self.policy)
 
     def labeled(self, start_step: int) -> Iterator[Batch]:
         return self._loader(STREAM_LABELED, start_step, infinite=True)

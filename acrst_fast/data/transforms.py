@@ -104,30 +104,36 @@ def boxes_to_original(boxes: torch.Tensor, g: Geometry) -> torch.Tensor:
     return b / g.scale
 
 
-def strong_photometric(image: torch.Tensor, gen: torch.Generator, cfg: AugmentConfig) -> torch.Tensor:
-    """Colour jitter, random grayscale, Gaussian blur, CutOut on Tensor[3, H, W] in [0, 1] (new tensor)."""
-    img = image.clone()
+@dataclass(frozen=True)
+class StrongParams:
+    """The random draws of one strong view (identity values where an op is off).
+
+    jitter_order: order of (brightness, contrast, saturation, hue), empty when jitter is off;
+    hue in [-0.5, 0.5] turns; blur_sigma 0 = no blur; erase: (y, x, h, w, (r, g, b)) rectangles."""
+
+    jitter_order: tuple[int, ...]
+    brightness: float
+    contrast: float
+    saturation: float
+    hue: float
+    grayscale: bool
+    blur_sigma: float
+    erase: tuple[tuple[int, int, int, int, tuple[float, float, float]], ...]
+
+
+def sample_strong(gen: torch.Generator, cfg: AugmentConfig, h: int, w: int) -> StrongParams:
+    """Draw the strong view's parameters for an image of h x w (the same draws, in the same order,
+    whichever pipeline then applies them)."""
+    order, factors = (), [1.0, 1.0, 1.0, 0.0]
     if _bernoulli(gen, cfg.jitter_prob):
         b, c, s, hue = cfg.jitter
-        order = torch.randperm(4, generator=gen).tolist()
-        factors = [_uniform(gen, max(0.0, 1 - b), 1 + b), _uniform(gen, max(0.0, 1 - c), 1 + c),
-                   _uniform(gen, max(0.0, 1 - s), 1 + s), _uniform(gen, -hue, hue)]
-        for op in order:
-            if op == 0 and b > 0:
-                img = TF.adjust_brightness(img, factors[0])
-            elif op == 1 and c > 0:
-                img = TF.adjust_contrast(img, factors[1])
-            elif op == 2 and s > 0:
-                img = TF.adjust_saturation(img, factors[2])
-            elif op == 3 and hue > 0:
-                img = TF.adjust_hue(img, factors[3])
-    if _bernoulli(gen, cfg.grayscale_prob):
-        img = TF.rgb_to_grayscale(img, num_output_channels=3).contiguous()  # expand()ed view otherwise
-    if _bernoulli(gen, cfg.blur_prob):
-        sigma = _uniform(gen, cfg.blur_sigma[0], cfg.blur_sigma[1])
-        k = max(3, int(2 * math.ceil(3 * sigma) + 1))
-        img = TF.gaussian_blur(img, kernel_size=[k, k], sigma=[sigma, sigma])
-    _, h, w = img.shape
+        order = tuple(torch.randperm(4, generator=gen).tolist())
+        drawn = [_uniform(gen, max(0.0, 1 - b), 1 + b), _uniform(gen, max(0.0, 1 - c), 1 + c),
+                 _uniform(gen, max(0.0, 1 - s), 1 + s), _uniform(gen, -hue, hue)]
+        factors = [d if amount > 0 else ident for d, amount, ident in zip(drawn, cfg.jitter, factors)]
+    gray = _bernoulli(gen, cfg.grayscale_prob)
+    sigma = _uniform(gen, cfg.blur_sigma[0], cfg.blur_sigma[1]) if _bernoulli(gen, cfg.blur_prob) else 0.0
+    erase = []
     for p, lo, hi in cfg.cutout:
         if not _bernoulli(gen, p):
             continue
@@ -137,5 +143,33 @@ def strong_photometric(image: torch.Tensor, gen: torch.Generator, cfg: AugmentCo
         ew = min(w, max(1, round(math.sqrt(area / aspect))))
         y = int(torch.randint(h - eh + 1, (), generator=gen))
         x = int(torch.randint(w - ew + 1, (), generator=gen))
-        img[:, y:y + eh, x:x + ew] = torch.rand((3, 1, 1), generator=gen)
+        erase.append((y, x, eh, ew, tuple(torch.rand(3, generator=gen).tolist())))
+    return StrongParams(order, *factors, gray, sigma, tuple(erase))
+
+
+def blur_kernel_size(sigma: float) -> int:
+    return max(3, int(2 * math.ceil(3 * sigma) + 1))
+
+
+def apply_strong(image: torch.Tensor, p: StrongParams) -> torch.Tensor:
+    """Colour jitter, grayscale, Gaussian blur, CutOut on Tensor[3, H, W] in [0, 1] (new tensor)."""
+    img = image.clone()
+    ops = (lambda x: TF.adjust_brightness(x, p.brightness), lambda x: TF.adjust_contrast(x, p.contrast),
+           lambda x: TF.adjust_saturation(x, p.saturation), lambda x: TF.adjust_hue(x, p.hue))
+    identity = (p.brightness == 1.0, p.contrast == 1.0, p.saturation == 1.0, p.hue == 0.0)
+    for op in p.jitter_order:
+        if not identity[op]:
+            img = ops[op](img)
+    if p.grayscale:
+        img = TF.rgb_to_grayscale(img, num_output_channels=3).contiguous()  # expand()ed view otherwise
+    if p.blur_sigma > 0:
+        k = blur_kernel_size(p.blur_sigma)
+        img = TF.gaussian_blur(img, kernel_size=[k, k], sigma=[p.blur_sigma, p.blur_sigma])
+    for y, x, eh, ew, fill in p.erase:
+        img[:, y:y + eh, x:x + ew] = torch.tensor(fill, dtype=img.dtype)[:, None, None]
     return img.clamp_(0.0, 1.0)
+
+
+def strong_photometric(image: torch.Tensor, gen: torch.Generator, cfg: AugmentConfig) -> torch.Tensor:
+    """Colour jitter, random grayscale, Gaussian blur, CutOut on Tensor[3, H, W] in [0, 1] (new tensor)."""
+    return apply_strong(image, sample_strong(gen, cfg, image.shape[1], image.shape[2]))

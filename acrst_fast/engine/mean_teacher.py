@@ -205,8 +205,7 @@ class MeanTeacher:
                 tp1, n_pl1, _ = match_counts(stage1, unl.boxes, unl.labels)
                 extras.update({"pseudo/stage1/tp": float(tp1), "pseudo/stage1/num_pseudo": float(n_pl1)})
                 neg = negative_metrics(probs.cpu(), image_labels(unl.labels, probs.shape[1]), self.cfg.ssmll.tau_ml)
-                extras.update({"ssmll/true_negative": neg["neg_accuracy"] * neg["neg_predicted"] if neg["neg_predicted"] else 0.0,
-                               "ssmll/neg_predicted": neg["neg_predicted"], "ssmll/absent": neg["absent"]})
+                extras.update({f"ssmll/{k}": neg[k] for k in ("true_negative", "neg_predicted", "absent")})
         if pseudo is not None:  # pseudo-label class histogram (report: GT vs pseudo-label distribution)
             counts = class_histogram(torch.cat([p["labels"] for p in pseudo]), len(self.class_names))
             for name, c in zip(self.class_names, counts.tolist()):

@@ -26,4 +26,4 @@ def negative_metrics(probs: torch.Tensor, targets: torch.Tensor, tau: float) -> 
     n_pred, n_absent = float(neg_pred.sum()), float(absent.sum())
     return {"neg_accuracy": tn / n_pred if n_pred else float("nan"),
             "neg_recall": tn / n_absent if n_absent else float("nan"),
-            "neg_predicted": n_pred, "absent": n_absent}
+            "true_negative": tn, "neg_predicted": n_pred, "absent": n_absent}

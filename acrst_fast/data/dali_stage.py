@@ -1,0 +1,211 @@
+"""The data stage on NVIDIA DALI: decode, resize, crop, flip and the strong photometric ops in a
+DALI pipeline (on the GPU with `device_id` set, on the CPU with `device_id=None`).
+
+Same streams, same draws as `TorchDataStage` (the fallback): a host-side `ShardedStreamSampler`
+shards each stream by rank and walks per-epoch permutations (labeled and unlabeled streams have
+their own lengths and epochs), and every image's geometry (`sample_geometry`) and strong-view
+parameters (`sample_strong`) are drawn on the host from the same per-image generator as the
+fallback, then fed to the pipeline as per-sample arguments. So both stages produce the same image
+order, the same crop windows and exactly the same boxes (transformed on the host by
+`apply_geometry_to_boxes`); the pixels come from DALI's operators, which differ from torchvision's
+in rounding and in the colour-jitter formulas (fixed order brightness/contrast, then hue and
+saturation; grayscale as saturation 0; one CutOut fill colour per image): statistically similar
+views, not identical ones. With the GPU pipeline the views stay on the device (no host round-trip).
+
+Bad data: a missing file is reported with its path when it is read; a file DALI cannot decode is
+identified by decoding the batch's files on the host, then reported with its path and either
+fails the run (`data.bad_images: fail`) or is dropped from its batch with a count in the log
+(`skip`).
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from acrst_fast.config import AugmentConfig
+from acrst_fast.data.coco import DataError, ImageRecord, decode_image
+from acrst_fast.data.loader import (STREAM_LABELED, STREAM_UNLABELED, STREAM_VAL, BadImagePolicy, Batch,
+                                     ShardedStreamSampler)
+from acrst_fast.data.transforms import StrongParams, apply_geometry_to_boxes, sample_geometry, sample_strong
+
+NO_BLUR_SIGMA = 0.01  # a 3-tap kernel of weights (0, 1, 0) in float: the identity
+
+
+def dali_available() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _build_pipeline(batch: int, device_id: int | None, seed: int, threads: int, views: tuple[str, ...]):
+    from nvidia.dali import fn, pipeline_def, types
+
+    gpu = device_id is not None
+
+    @pipeline_def(batch_size=batch, num_threads=threads, device_id=device_id, seed=seed, prefetch_queue_depth=1)
+    def views_pipeline():
+        def arg(name: str, dtype=types.FLOAT):
+            return fn.external_source(name=name, dtype=dtype)
+
+        encoded = arg("encoded", types.UINT8)
+        image = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
+        image = fn.resize(image, size=arg("resized_hw"), antialias=True, interp_type=types.INTERP_LINEAR)
+        image = fn.slice(image, start=arg("crop_start", types.INT32), shape=arg("crop_shape", types.INT32),
+                         axis_names="HW")
+        weak = fn.flip(image, horizontal=arg("flip", types.INT32))
+        outs = []
+        to_float = dict(dtype=types.FLOAT, output_layout="CHW", mean=[0.0, 0.0, 0.0], std=[255.0, 255.0, 255.0])
+        if "weak" in views:
+            outs.append(fn.crop_mirror_normalize(weak, **to_float))
+        if "strong" in views:
+            s = fn.brightness_contrast(weak, brightness=arg("brightness"), contrast=arg("contrast"),
+                                       contrast_center=128.0)
+            s = fn.hsv(s, hue=arg("hue_degrees"), saturation=arg("saturation"))
+            s = fn.gaussian_blur(s, sigma=arg("blur_sigma"))
+            s = fn.erase(s, anchor=arg("erase_anchor"), shape=arg("erase_shape"), axis_names="HW",
+                         fill_value=arg("erase_fill"))
+            outs.append(fn.crop_mirror_normalize(s, **to_float))
+        return tuple(outs)
+
+    pipe = views_pipeline()
+    pipe.build()
+    return pipe
+
+
+def _strong_args(p: StrongParams) -> dict[str, np.ndarray]:
+    anchors = [v for y, x, _, _, _ in p.erase for v in (y, x)]
+    shapes = [v for _, _, h, w, _ in p.erase for v in (h, w)]
+    fill = [255.0 * c for c in p.erase[0][4]] if p.erase else [0.0, 0.0, 0.0]
+    return {"brightness": np.float32(p.brightness), "contrast": np.float32(p.contrast),
+            "hue_degrees": np.float32(p.hue * 360.0), "saturation": np.float32(0.0 if p.grayscale else p.saturation),
+            "blur_sigma": np.float32(p.blur_sigma if p.blur_sigma > 0 else NO_BLUR_SIGMA),
+            "erase_anchor": np.asarray(anchors, np.float32), "erase_shape": np.asarray(shapes, np.float32),
+            "erase_fill": np.asarray(fill, np.float32)}
+
+
+class DaliStream:
+    """One stream (labeled, unlabeled or val) of one rank: host sampler -> DALI pipeline -> Batch."""
+
+    def __init__(self, records: list[ImageRecord], aug: AugmentConfig, views: tuple[str, ...], train: bool,
+                 with_boxes: bool, batch: int, seed: int, stream: int, rank: int, world: int,
+                 device_id: int | None, threads: int, policy: BadImagePolicy):
+        self.records, self.aug, self.views, self.train, self.with_boxes = records, aug, views, train, with_boxes
+        self.batch, self.seed, self.stream, self.rank, self.world = batch, seed, stream, rank, world
+        self.device_id, self.threads, self.policy = device_id, threads, policy
+        self._pipe = None
+
+    def _pipeline(self):
+        if self._pipe is None:
+            self._pipe = _build_pipeline(self.batch, self.device_id, self.seed * 1000 + self.stream * 10 + self.rank,
+                                         self.threads, self.views)
+        return self._pipe
+
+    def _item(self, index: int, seed: int) -> dict:
+        rec = self.records[index]
+        try:
+            encoded = np.fromfile(rec.path, dtype=np.uint8)
+        except OSError:
+            raise DataError(f"{rec.path} (image id {rec.image_id}): image file not found or unreadable") from None
+        gen = torch.Generator().manual_seed(seed)
+        geom = sample_geometry(gen, rec.height, rec.width, self.aug, self.train)
+        x0, y0, cw, ch = geom.crop
+        args = {"encoded": encoded, "resized_hw": np.asarray(geom.resized_hw, np.float32),
+                "crop_start": np.asarray([y0, x0], np.int32), "crop_shape": np.asarray([ch, cw], np.int32),
+                "flip": np.int32(geom.flip)}
+        if "strong" in self.views:
+            args |= _strong_args(sample_strong(gen, self.aug, ch, cw))
+        boxes = torch.from_numpy(rec.boxes) if self.with_boxes else torch.zeros((0, 4))
+        labels = torch.from_numpy(rec.labels) if self.with_boxes else torch.zeros((0,), dtype=torch.int64)
+        boxes, keep = apply_geometry_to_boxes(boxes, geom)
+        return {"record": rec, "args": args, "boxes": boxes, "labels": labels[keep], "geometry": geom}
+
+    def _run(self, items: list[dict]) -> list[list[torch.Tensor]]:
+        pipe = self._pipeline()
+        for name in items[0]["args"]:
+            pipe.feed_input(name, [it["args"][name] for it in items])
+        outs = pipe.run()
+        return [_to_torch(o) for o in outs]
+
+    def _bad(self, items: list[dict], exc: Exception) -> list[dict]:
+        """After a pipeline error: find the undecodable files (host decode), report or drop them."""
+        self._pipe = None  # a failed DALI pipeline is not reusable
+        good = []
+        for it in items:
+            try:
+                decode_image(it["record"])
+                good.append(it)
+            except DataError as err:
+                self.policy.report(str(err))
+        if len(good) == len(items):
+            raise RuntimeError(f"DALI pipeline failed on a batch whose files all decode on the host: {exc}")
+        return good
+
+    def batches(self, start_step: int, infinite: bool) -> Iterator[Batch]:
+        if not self.records:
+            return
+        sampler = iter(ShardedStreamSampler(len(self.records), self.seed, self.stream, self.rank, self.world,
+                                            start=start_step * self.batch, infinite=infinite))
+        while True:
+            keys = [k for _, k in zip(range(self.batch), sampler)]
+            if not keys:
+                return
+            items = []
+            for index, seed in keys:
+                try:
+                    items.append(self._item(index, seed))
+                except DataError as err:
+                    self.policy.report(str(err))
+            while items:
+                try:
+                    outs = self._run(items)
+                    break
+                except RuntimeError as exc:
+                    items = self._bad(items, exc)
+            if not items:
+                continue
+            views = dict(zip([v for v in ("weak", "strong") if v in self.views], outs))
+            yield Batch(image_ids=[it["record"].image_id for it in items], weak=views.get("weak", []),
+                        strong=views.get("strong", []), boxes=[it["boxes"] for it in items],
+                        labels=[it["labels"] for it in items], geometry=[it["geometry"] for it in items],
+                        orig_hw=[(it["record"].height, it["record"].width) for it in items])
+
+
+def _to_torch(tensor_list) -> list[torch.Tensor]:
+    """DALI TensorList (CPU or GPU; samples of different shapes) -> list of torch tensors on the same device."""
+    if hasattr(tensor_list, "as_cpu") and type(tensor_list).__name__ == "TensorListGPU":
+        return [torch.from_dlpack(tensor_list[i]).clone() for i in range(len(tensor_list))]
+    return [torch.from_numpy(np.array(tensor_list[i])) for i in range(len(tensor_list))]
+
+
+class DaliDataStage:
+    """`DataStage` on DALI (see the module doc). Batch sizes are per rank; device_id None = CPU."""
+
+    def __init__(self, labeled: list[ImageRecord], unlabeled: list[ImageRecord], val: list[ImageRecord],
+                 aug: AugmentConfig, batch_labeled: int, batch_unlabeled: int, seed: int, rank: int, world: int,
+                 device_id: int | None, threads: int = 2, val_batch: int = 4,
+                 labeled_views: tuple[str, ...] = ("strong",), bad_images: str = "fail"):
+        if not dali_available():
+            raise DataError("data.pipeline is dali but nvidia-dali is not installed (pip install nvidia-dali-cuda130); "
+                            "or set data.pipeline=torch")
+        self.policy = BadImagePolicy(bad_images)
+        common = dict(seed=seed, rank=rank, world=world, device_id=device_id, threads=threads, policy=self.policy)
+        self.streams = {
+            STREAM_LABELED: DaliStream(labeled, aug, labeled_views, True, True, batch_labeled, stream=STREAM_LABELED,
+                                       **common),
+            STREAM_UNLABELED: DaliStream(unlabeled, aug, ("weak", "strong"), True, True, batch_unlabeled,
+                                         stream=STREAM_UNLABELED, **common),
+            STREAM_VAL: DaliStream(val, aug, ("weak",), False, True, val_batch, stream=STREAM_VAL, **common),
+        }
+
+    def labeled(self, start_step: int) -> Iterator[Batch]:
+        return self.streams[STREAM_LABELED].batches(start_step, infinite=True)
+
+    def unlabeled(self, start_step: int) -> Iterator[Batch]:
+        return self.streams[STREAM_UNLABELED].batches(start_step, infinite=True)
+
+    def val(self) -> Iterator[Batch]:
+        return self.streams[STREAM_VAL].batches(0, infinite=False)

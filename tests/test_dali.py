@@ -1,0 +1,125 @@
+"""DALI data stage (CPU pipeline here, GPU where one is) against the torch fallback."""
+import shutil
+
+import pytest
+import torch
+
+from acrst_fast.config import AugmentConfig
+from acrst_fast.data.coco import DataError, load_coco_records
+from acrst_fast.data.dali_stage import DaliDataStage
+from acrst_fast.data.loader import TorchDataStage
+
+AUG = AugmentConfig(scales=[80, 96, 112], max_size=160, test_scale=96, crop_prob=0.5, flip_prob=0.5)
+
+
+def _records(root):
+    lab, _ = load_coco_records(root / "labeled.json", root / "labeled")
+    unl, _ = load_coco_records(root / "unlabeled.json", root / "unlabeled")
+    val, _ = load_coco_records(root / "val.json", root / "val")
+    return lab, unl, val
+
+
+def _stages(records, rank=0, world=1, bad_images="fail", device_id=None):
+    kw = dict(batch_labeled=4, batch_unlabeled=3, seed=5, rank=rank, world=world, bad_images=bad_images,
+              labeled_views=("weak", "strong"))
+    return (TorchDataStage(*records, AUG, num_workers=0, **kw),
+            DaliDataStage(*records, AUG, device_id=device_id, threads=1, **kw))
+
+
+def _devices():
+    return [None] + ([0] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device_id", _devices())
+def test_dali_views_match_the_fallback(tiny_demo, device_id):
+    torch_stage, dali_stage = _stages(_records(tiny_demo), device_id=device_id)
+    for stream in ("labeled", "unlabeled"):
+        t_iter, d_iter = getattr(torch_stage, stream)(2), getattr(dali_stage, stream)(2)
+        for _ in range(3):  # crosses an epoch boundary of the 8-image streams
+            a, b = next(t_iter), next(d_iter)
+            assert a.image_ids == b.image_ids and a.geometry == b.geometry
+            assert all(torch.equal(x, y) for x, y in zip(a.boxes, b.boxes))  # box transforms: exact
+            assert all(torch.equal(x, y) for x, y in zip(a.labels, b.labels))
+            for x, y in zip(a.weak, b.weak):  # same geometry; DALI rounds to uint8 before converting
+                y = y.cpu()
+                assert x.shape == y.shape and y.dtype == torch.float32
+                assert (x - y).abs().mean() < 2 / 255 and (x - y).abs().max() < 0.1
+            # strong views: the same draws through other operators -> statistically similar
+            diffs = torch.stack([(x - y.cpu()).abs().mean() for x, y in zip(a.strong, b.strong)])
+            moved = torch.stack([(s.cpu() - w.cpu()).abs().mean() for s, w in zip(b.strong, b.weak)])
+            assert diffs.mean() < 0.12 and moved.mean() > 0.01
+    v1, v2 = next(torch_stage.val()), next(dali_stage.val())
+    assert v1.image_ids == v2.image_ids and [x.shape for x in v1.weak] == [y.shape for y in v2.weak]
+    assert v2.strong == []
+
+
+def test_dali_shards_by_rank_and_resumes_by_step(tiny_demo):
+    records = _records(tiny_demo)
+    seen = []
+    for rank in (0, 1):
+        _, stage = _stages(records, rank=rank, world=2)
+        seen.append([i for b in stage.val() for i in b.image_ids])
+    assert set(seen[0]).isdisjoint(seen[1]) and sorted(seen[0] + seen[1]) == sorted(r.image_id for r in records[2])
+    _, stage = _stages(records)
+    from_zero = stage.labeled(0)
+    batches = [next(from_zero) for _ in range(4)]
+    resumed = next(stage.labeled(3))
+    assert resumed.image_ids == batches[3].image_ids
+    assert all(torch.equal(x, y) for x, y in zip(resumed.strong, batches[3].strong))
+
+
+def _with_bad_file(tiny_demo, tmp_path, how):
+    root = tmp_path / "data"
+    shutil.copytree(tiny_demo, root)
+    lab, unl, val = _records(root)
+    bad = lab[1]
+    if how == "corrupt":
+        with open(bad.path, "wb") as f:
+            f.write(b"\x00not an image" * 50)
+    else:
+        (root / "labeled" / bad.path.split("/")[-1]).unlink()
+    return (lab, unl, val), bad
+
+
+@pytest.mark.parametrize("how", ["corrupt", "missing"])
+def test_bad_image_fails_with_its_path(tiny_demo, tmp_path, how):
+    records, bad = _with_bad_file(tiny_demo, tmp_path, how)
+    for stage in _stages(records):
+        with pytest.raises(DataError, match=bad.path.split("/")[-1]):
+            for _ in range(3):
+                next(stage.labeled(0))
+
+
+@pytest.mark.parametrize("how", ["corrupt", "missing"])
+def test_bad_image_skipped_and_counted(tiny_demo, tmp_path, how, caplog):
+    records, bad = _with_bad_file(tiny_demo, tmp_path, how)
+    for stage in _stages(records, bad_images="skip"):
+        it = stage.labeled(0)
+        ids = [i for _ in range(2) for i in next(it).image_ids]  # one epoch of 8 images
+        assert bad.image_id not in ids and len(ids) == 7
+        assert stage.policy.skipped == 1
+    assert "skipped" in caplog.text and bad.path.split("/")[-1] in caplog.text
+
+
+@pytest.mark.slow
+def test_training_runs_on_the_dali_stage(tmp_path, tiny_demo, cpu_env):
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO, tiny_config_dict, write_config
+    from test_train import ACRST_ON
+
+    raw = tiny_config_dict(tiny_demo, tmp_path / "run", total_steps=4, pretrain_steps=2)
+    raw["data"]["pipeline"] = "dali"
+    raw["acrst"] = ACRST_ON
+    raw["mean_teacher"]["tau_cls"] = 0.0
+    raw["eval"]["period"] = 2
+    cfg = write_config(tmp_path / "dali.yaml", raw)
+    proc = subprocess.run([sys.executable, "-m", "acrst_fast.train", str(cfg)], env=cpu_env, cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "final_metrics.json").read_text())
+    assert summary["teacher"]["step"] == 4
+    records = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("unsup/loss_classifier") is not None for r in records if r["kind"] == "train")
