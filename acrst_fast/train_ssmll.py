@@ -7,7 +7,8 @@ Uses the detector config's data (labeled, unlabeled, val) and its `ssmll` sectio
 (step < ssmll.pretrain_steps): focal BCE on labeled images against their image labels (from
 the boxes). Then the EMA teacher labels the weak view of unlabeled images (probability >=
 ssmll.pseudo_threshold -> 1) and the student learns them on the strong view too. Adam, optional
-AMP (solver.amp). Writes to ssmll.output_dir (default RUN.OUTPUT_DIR/ssmll): atomic, resumable
+AMP (solver.amp); `data.pipeline=dali` makes the training views with the detector's DALI
+pipeline. Writes to ssmll.output_dir (default RUN.OUTPUT_DIR/ssmll): atomic, resumable
 checkpoints, metrics.jsonl, ssmll_metrics.json (Table 9: image-level negative accuracy and recall
 at each ssmll.eval_taus, on the validation split and, where the unlabeled split has hidden
 ground truth, on it) and ssmll_teacher.pt, the file the detector's `ssmll.checkpoint` names.
@@ -31,7 +32,7 @@ from acrst_fast.engine import checkpoint as ckpt
 from acrst_fast.engine.amp import Precision
 from acrst_fast.engine.ema import ema_update
 from acrst_fast.models.detector import WeightsError
-from acrst_fast.ssmll.data import SquareViews, eval_loader, step_loader
+from acrst_fast.ssmll.data import SquareViews, dali_step_batches, eval_loader, step_loader
 from acrst_fast.ssmll.losses import focal_bce
 from acrst_fast.ssmll.metrics import negative_metrics
 from acrst_fast.ssmll.model import build_ssmll, preprocess, save_classifier
@@ -160,10 +161,16 @@ def train(cfg: Config, source: str, resume: bool) -> dict:
     workers = cfg.data.num_workers
     lab_views = SquareViews(datasets.labeled, k, m.input_size, cfg.augment, cfg.run.seed, STREAM_LABELED)
     unl_views = SquareViews(datasets.unlabeled, k, m.input_size, cfg.augment, cfg.run.seed, STREAM_UNLABELED)
-    labeled = iter(step_loader(lab_views, m.batch_labeled, start, m.total_steps, workers))
     first_mutual = max(start, m.pretrain_steps)
-    unlabeled = iter(step_loader(unl_views, m.batch_unlabeled, first_mutual - m.pretrain_steps,
-                                 m.total_steps - m.pretrain_steps, workers)) if datasets.unlabeled else None
+    if cfg.data.pipeline == "dali":  # the detector's DALI pipeline, at input_size x input_size
+        device_id = (device.index or 0) if device.type == "cuda" else None
+        batches = lambda views, b, s0, s1: dali_step_batches(views, b, s0, s1, device_id, max(1, workers),  # noqa: E731
+                                                             cfg.data.bad_images)
+    else:
+        batches = lambda views, b, s0, s1: iter(step_loader(views, b, s0, s1, workers))  # noqa: E731
+    labeled = batches(lab_views, m.batch_labeled, start, m.total_steps)
+    unlabeled = batches(unl_views, m.batch_unlabeled, first_mutual - m.pretrain_steps,
+                        m.total_steps - m.pretrain_steps) if datasets.unlabeled else None
     eval_sets = {"val": datasets.val} | ({"unlabeled": datasets.unlabeled}
                                          if any(len(r.labels) for r in datasets.unlabeled) else {})
     loaders = {s: eval_loader(r, k, m.input_size, cfg.augment, m.batch_labeled, workers) for s, r in eval_sets.items()}

@@ -123,3 +123,15 @@ def test_training_runs_on_the_dali_stage(tmp_path, tiny_demo, cpu_env):
     assert summary["teacher"]["step"] == 4
     records = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any(r.get("unsup/loss_classifier") is not None for r in records if r["kind"] == "train")
+
+
+def test_ssmll_square_views_from_dali_match_torch(tiny_demo):
+    from acrst_fast.ssmll.data import SquareViews, dali_step_batches, step_loader
+
+    lab, _, _ = _records(tiny_demo)
+    views = SquareViews(lab, 4, 64, AUG, seed=3, stream=11)
+    torch_batches = iter(step_loader(views, 4, 1, 4, 0))
+    for a, b in zip(torch_batches, dali_step_batches(views, 4, 1, 4, None, 1, "fail")):
+        assert torch.equal(a["labels"], b["labels"]) and a["weak"].shape == b["weak"].shape == (4, 3, 64, 64)
+        assert (a["weak"] - b["weak"]).abs().mean() < 2 / 255  # same resize and flip, uint8 rounding
+        assert (a["strong"] - b["strong"]).abs().mean() < 0.12 and (b["strong"] - b["weak"]).abs().mean() > 0.01

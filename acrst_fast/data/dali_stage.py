@@ -87,6 +87,54 @@ def _strong_args(p: StrongParams) -> dict[str, np.ndarray]:
             "erase_fill": np.asarray(fill, np.float32)}
 
 
+class DaliRunner:
+    """Feeds items ({"record": ImageRecord, "args": per-sample pipeline arguments}) through one
+    pipeline; on a decode failure finds the bad files on the host and applies the bad-image policy."""
+
+    def __init__(self, batch: int, device_id: int | None, seed: int, threads: int, views: tuple[str, ...],
+                 policy: BadImagePolicy):
+        self.batch, self.device_id, self.seed, self.threads, self.views = batch, device_id, seed, threads, views
+        self.policy = policy
+        self._pipe = None
+
+    def _run(self, items: list[dict]) -> list[list[torch.Tensor]]:
+        if self._pipe is None:
+            self._pipe = _build_pipeline(self.batch, self.device_id, self.seed, self.threads, self.views)
+        for name in items[0]["args"]:
+            self._pipe.feed_input(name, [it["args"][name] for it in items])
+        return [_to_torch(o) for o in self._pipe.run()]
+
+    def _drop_bad(self, items: list[dict], exc: Exception) -> list[dict]:
+        self._pipe = None  # a failed DALI pipeline is not reusable
+        good = []
+        for it in items:
+            try:
+                decode_image(it["record"])
+                good.append(it)
+            except DataError as err:
+                self.policy.report(str(err))
+        if len(good) == len(items):
+            raise RuntimeError(f"DALI pipeline failed on a batch whose files all decode on the host: {exc}")
+        return good
+
+    def run(self, items: list[dict]) -> tuple[list[dict], dict[str, list[torch.Tensor]]]:
+        """(the items that made it, {view name: list of Tensor[3, H, W] float in [0, 1]})."""
+        while items:
+            try:
+                outs = self._run(items)
+                return items, dict(zip([v for v in ("weak", "strong") if v in self.views], outs))
+            except RuntimeError as exc:
+                items = self._drop_bad(items, exc)
+        return [], {}
+
+
+def read_encoded(rec: ImageRecord) -> np.ndarray:
+    try:
+        return np.fromfile(rec.path, dtype=np.uint8)
+    except OSError:
+        raise DataError(f"{rec.path} (image id {rec.image_id}): image file not found or unreadable") from None
+
+
 class DaliStream:
     """One stream (labeled, unlabeled or val) of one rank: host sampler -> DALI pipeline -> Batch."""
 
@@ -95,21 +143,12 @@ class DaliStream:
                  device_id: int | None, threads: int, policy: BadImagePolicy):
         self.records, self.aug, self.views, self.train, self.with_boxes = records, aug, views, train, with_boxes
         self.batch, self.seed, self.stream, self.rank, self.world = batch, seed, stream, rank, world
-        self.device_id, self.threads, self.policy = device_id, threads, policy
-        self._pipe = None
-
-    def _pipeline(self):
-        if self._pipe is None:
-            self._pipe = _build_pipeline(self.batch, self.device_id, self.seed * 1000 + self.stream * 10 + self.rank,
-                                         self.threads, self.views)
-        return self._pipe
+        self.policy = policy
+        self.runner = DaliRunner(batch, device_id, seed * 1000 + stream * 10 + rank, threads, views, policy)
 
     def _item(self, index: int, seed: int) -> dict:
         rec = self.records[index]
-        try:
-            encoded = np.fromfile(rec.path, dtype=np.uint8)
-        except OSError:
-            raise DataError(f"{rec.path} (image id {rec.image_id}): image file not found or unreadable") from None
+        encoded = read_encoded(rec)
         gen = torch.Generator().manual_seed(seed)
         geom = sample_geometry(gen, rec.height, rec.width, self.aug, self.train)
         x0, y0, cw, ch = geom.crop
@@ -122,27 +161,6 @@ class DaliStream:
         labels = torch.from_numpy(rec.labels) if self.with_boxes else torch.zeros((0,), dtype=torch.int64)
         boxes, keep = apply_geometry_to_boxes(boxes, geom)
         return {"record": rec, "args": args, "boxes": boxes, "labels": labels[keep], "geometry": geom}
-
-    def _run(self, items: list[dict]) -> list[list[torch.Tensor]]:
-        pipe = self._pipeline()
-        for name in items[0]["args"]:
-            pipe.feed_input(name, [it["args"][name] for it in items])
-        outs = pipe.run()
-        return [_to_torch(o) for o in outs]
-
-    def _bad(self, items: list[dict], exc: Exception) -> list[dict]:
-        """After a pipeline error: find the undecodable files (host decode), report or drop them."""
-        self._pipe = None  # a failed DALI pipeline is not reusable
-        good = []
-        for it in items:
-            try:
-                decode_image(it["record"])
-                good.append(it)
-            except DataError as err:
-                self.policy.report(str(err))
-        if len(good) == len(items):
-            raise RuntimeError(f"DALI pipeline failed on a batch whose files all decode on the host: {exc}")
-        return good
 
     def batches(self, start_step: int, infinite: bool) -> Iterator[Batch]:
         if not self.records:
@@ -159,15 +177,9 @@ class DaliStream:
                     items.append(self._item(index, seed))
                 except DataError as err:
                     self.policy.report(str(err))
-            while items:
-                try:
-                    outs = self._run(items)
-                    break
-                except RuntimeError as exc:
-                    items = self._bad(items, exc)
+            items, views = self.runner.run(items)
             if not items:
                 continue
-            views = dict(zip([v for v in ("weak", "strong") if v in self.views], outs))
             yield Batch(image_ids=[it["record"].image_id for it in items], weak=views.get("weak", []),
                         strong=views.get("strong", []), boxes=[it["boxes"] for it in items],
                         labels=[it["labels"] for it in items], geometry=[it["geometry"] for it in items],
@@ -176,7 +188,9 @@ class DaliStream:
 
 def _to_torch(tensor_list) -> list[torch.Tensor]:
     """DALI TensorList (CPU or GPU; samples of different shapes) -> list of torch tensors on the same device."""
-    if hasattr(tensor_list, "as_cpu") and type(tensor_list).__name__ == "TensorListGPU":
+    from nvidia.dali.backend import TensorListGPU
+
+    if isinstance(tensor_list, TensorListGPU):  # DLPack: stays on the device; clone, DALI reuses its buffers
         return [torch.from_dlpack(tensor_list[i]).clone() for i in range(len(tensor_list))]
     return [torch.from_numpy(np.array(tensor_list[i])) for i in range(len(tensor_list))]
 

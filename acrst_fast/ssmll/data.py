@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from acrst_fast.config import AugmentConfig
-from acrst_fast.data.coco import ImageRecord, decode_image
+from acrst_fast.data.coco import DataError, ImageRecord, decode_image
 from acrst_fast.data.loader import sample_seed
 from acrst_fast.data.transforms import strong_photometric
 from acrst_fast.ssmll.metrics import image_labels
@@ -79,6 +79,42 @@ def step_loader(views: SquareViews, batch: int, start_step: int, end_step: int, 
     gen = torch.Generator().manual_seed(sample_seed(views.seed, views.stream, start_step))
     return DataLoader(views, batch_sampler=StepBatches(batch, start_step, end_step), num_workers=workers,
                       collate_fn=_collate, generator=gen)
+
+
+def dali_step_batches(views: SquareViews, batch: int, start_step: int, end_step: int, device_id: int | None,
+                      threads: int, bad_images: str) -> Iterator[dict]:
+    """`step_loader`'s batches made by the DALI pipeline of the detector's data stage: the same
+    records, flips and strong-view draws (from the same per-position generators), decoded and
+    augmented by DALI (on the GPU when device_id is set). A bad image fails the run or, with
+    `skip`, is left out of its batch (the batch is then smaller)."""
+    import numpy as np
+
+    from acrst_fast.data.dali_stage import DaliRunner, _strong_args, read_encoded
+    from acrst_fast.data.loader import BadImagePolicy
+    from acrst_fast.data.transforms import sample_strong
+
+    policy = BadImagePolicy(bad_images)
+    runner = DaliRunner(batch, device_id, views.seed * 1000 + views.stream, threads, ("weak", "strong"), policy)
+    s = views.size
+    for step in range(start_step, end_step):
+        items = []
+        for position in range(step * batch, (step + 1) * batch):
+            rec = views.records[views.record_index(position)]
+            gen = torch.Generator().manual_seed(sample_seed(views.seed, views.stream, position))
+            flip = views.augment.flip_prob > 0 and float(torch.rand((), generator=gen)) < views.augment.flip_prob
+            try:
+                args = {"encoded": read_encoded(rec), "resized_hw": np.asarray([s, s], np.float32),
+                        "crop_start": np.zeros(2, np.int32), "crop_shape": np.asarray([s, s], np.int32),
+                        "flip": np.int32(flip)} | _strong_args(sample_strong(gen, views.augment, s, s))
+            except DataError as err:
+                policy.report(str(err))
+                continue
+            labels = image_labels([torch.from_numpy(rec.labels)], views.num_classes)[0]
+            items.append({"record": rec, "args": args, "labels": labels})
+        items, out = runner.run(items)
+        if items:
+            yield {"weak": torch.stack(out["weak"]), "strong": torch.stack(out["strong"]),
+                   "labels": torch.stack([it["labels"] for it in items])}
 
 
 def eval_loader(records: list[ImageRecord], num_classes: int, size: int, augment: AugmentConfig,
