@@ -123,6 +123,7 @@ def run(cfg: Config, source: str, resume: bool, info: dist.DistInfo) -> dict:
         if cfg.eval.report:
             refresh_report(run_dir)  # again, now with final_metrics.json
         echo(format_summary(summary, run_dir))
+    dist.barrier()  # ranks leave together: no rank tears down the process group while rank 0 still writes
     return summary
 
 
