@@ -162,12 +162,13 @@ def train(cfg: Config, source: str, resume: bool) -> dict:
     lab_views = SquareViews(datasets.labeled, k, m.input_size, cfg.augment, cfg.run.seed, STREAM_LABELED)
     unl_views = SquareViews(datasets.unlabeled, k, m.input_size, cfg.augment, cfg.run.seed, STREAM_UNLABELED)
     first_mutual = max(start, m.pretrain_steps)
-    if cfg.data.pipeline == "dali":  # the detector's DALI pipeline, at input_size x input_size
-        device_id = (device.index or 0) if device.type == "cuda" else None
-        batches = lambda views, b, s0, s1: dali_step_batches(views, b, s0, s1, device_id, max(1, workers),  # noqa: E731
-                                                             cfg.data.bad_images)
-    else:
-        batches = lambda views, b, s0, s1: iter(step_loader(views, b, s0, s1, workers))  # noqa: E731
+    device_id = (device.index or 0) if device.type == "cuda" else None
+
+    def batches(views: SquareViews, batch: int, first: int, end: int):
+        if cfg.data.pipeline == "dali":  # the detector's DALI pipeline, at input_size x input_size
+            return dali_step_batches(views, batch, first, end, device_id, max(1, workers), cfg.data.bad_images)
+        return iter(step_loader(views, batch, first, end, workers))
+
     labeled = batches(lab_views, m.batch_labeled, start, m.total_steps)
     unlabeled = batches(unl_views, m.batch_unlabeled, first_mutual - m.pretrain_steps,
                         m.total_steps - m.pretrain_steps) if datasets.unlabeled else None

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torchvision.ops import roi_align
 
+from acrst_fast.augment.pixels import stack_padded
+
 LABELED, PSEUDO = 0, 1
 SOURCES = {"labeled": LABELED, "pseudo": PSEUDO}
 
@@ -79,7 +81,7 @@ class CropBank:
             return 0
         rois = torch.cat([torch.tensor(crops_from, dtype=torch.float32, device=self.device)[:, None],
                           torch.stack(keep_boxes).float().to(self.device)], dim=1)
-        batch = _stack_padded([im.to(self.device, torch.float32) for im in images])
+        batch, _ = stack_padded([im.to(self.device, torch.float32) for im in images])
         crops = roi_align(batch, rois, output_size=self.crop_size, spatial_scale=1.0, sampling_ratio=2, aligned=True)
         idx = torch.tensor(slots, device=self.device)
         # a later offer to the same slot in this call wins, as if the offers were made one by one
@@ -124,11 +126,3 @@ class CropBank:
             getattr(self, name).copy_(state[name])
         self.seen.copy_(state["seen"])
 
-
-def _stack_padded(images: list[torch.Tensor]) -> torch.Tensor:
-    h = max(im.shape[1] for im in images)
-    w = max(im.shape[2] for im in images)
-    out = images[0].new_zeros((len(images), 3, h, w))
-    for i, im in enumerate(images):
-        out[i, :, :im.shape[1], :im.shape[2]] = im
-    return out

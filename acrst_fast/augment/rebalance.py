@@ -12,11 +12,10 @@ bank: selective supervision trains regression on unlabeled images only on those.
 """
 from __future__ import annotations
 
-import time
-
 import torch
 
 from acrst_fast import dist
+from acrst_fast.timing import clock
 from acrst_fast.augment.affr import PseudoRecall, class_histogram, sampling_probs
 from acrst_fast.augment.cropbank import LABELED, PSEUDO, SOURCES, CropBank
 from acrst_fast.augment.paste import PasteConfig, PastePlan
@@ -47,9 +46,7 @@ class ACRST:
         self._seconds: dict[str, float] = {}
 
     def _clock(self) -> float:
-        if self.sync_timing and self.bank.device.type == "cuda":
-            torch.cuda.synchronize(self.bank.device)
-        return time.perf_counter()
+        return clock(self.bank.device, self.sync_timing)
 
     def _add_time(self, part: str, t0: float) -> float:
         t1 = self._clock()

@@ -135,6 +135,17 @@ def read_encoded(rec: ImageRecord) -> np.ndarray:
         raise DataError(f"{rec.path} (image id {rec.image_id}): image file not found or unreadable") from None
 
 
+def view_args(rec: ImageRecord, resized_hw: tuple[int, int], crop: tuple[int, int, int, int], flip: bool,
+              strong: StrongParams | None) -> dict[str, np.ndarray]:
+    """One sample's pipeline inputs: the file's bytes, resize to resized_hw, crop (x0, y0, width,
+    height) of the resized image, flip, and the strong view's parameters when it is made."""
+    x0, y0, cw, ch = crop
+    args = {"encoded": read_encoded(rec), "resized_hw": np.asarray(resized_hw, np.float32),
+            "crop_start": np.asarray([y0, x0], np.int32), "crop_shape": np.asarray([ch, cw], np.int32),
+            "flip": np.int32(flip)}
+    return args | _strong_args(strong) if strong is not None else args
+
+
 class DaliStream:
     """One stream (labeled, unlabeled or val) of one rank: host sampler -> DALI pipeline -> Batch."""
 
@@ -148,15 +159,11 @@ class DaliStream:
 
     def _item(self, index: int, seed: int) -> dict:
         rec = self.records[index]
-        encoded = read_encoded(rec)
         gen = torch.Generator().manual_seed(seed)
         geom = sample_geometry(gen, rec.height, rec.width, self.aug, self.train)
-        x0, y0, cw, ch = geom.crop
-        args = {"encoded": encoded, "resized_hw": np.asarray(geom.resized_hw, np.float32),
-                "crop_start": np.asarray([y0, x0], np.int32), "crop_shape": np.asarray([ch, cw], np.int32),
-                "flip": np.int32(geom.flip)}
-        if "strong" in self.views:
-            args |= _strong_args(sample_strong(gen, self.aug, ch, cw))
+        _, _, cw, ch = geom.crop
+        strong = sample_strong(gen, self.aug, ch, cw) if "strong" in self.views else None
+        args = view_args(rec, geom.resized_hw, geom.crop, geom.flip, strong)
         boxes = torch.from_numpy(rec.boxes) if self.with_boxes else torch.zeros((0, 4))
         labels = torch.from_numpy(rec.labels) if self.with_boxes else torch.zeros((0,), dtype=torch.int64)
         boxes, keep = apply_geometry_to_boxes(boxes, geom)

@@ -18,7 +18,6 @@ Pseudo bank from the kept pseudo-labels on the unlabeled weak views, every mutua
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -34,6 +33,7 @@ from acrst_fast.ops import box_iou_ref
 from acrst_fast.pseudo_labels import filter_pseudo_labels
 from acrst_fast.ssmll.metrics import image_labels, negative_metrics
 from acrst_fast.ssmll.model import preprocess
+from acrst_fast.timing import clock
 
 SUP_LOSS_TERMS = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg")
 UNSUP_LOSS_TERMS = ("loss_objectness", "loss_classifier")  # classification terms only (Eq. 5)
@@ -132,9 +132,7 @@ class MeanTeacher:
         self.sync_timing = False  # benchmarks: synchronise the GPU at each timing boundary
 
     def _now(self) -> float:
-        if self.sync_timing and self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
+        return clock(self.device, self.sync_timing)
 
     def phase(self, step: int) -> str:
         return PHASE_PRETRAIN if step < self.pretrain_steps else PHASE_MUTUAL

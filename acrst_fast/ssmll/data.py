@@ -87,9 +87,7 @@ def dali_step_batches(views: SquareViews, batch: int, start_step: int, end_step:
     records, flips and strong-view draws (from the same per-position generators), decoded and
     augmented by DALI (on the GPU when device_id is set). A bad image fails the run or, with
     `skip`, is left out of its batch (the batch is then smaller)."""
-    import numpy as np
-
-    from acrst_fast.data.dali_stage import DaliRunner, _strong_args, read_encoded
+    from acrst_fast.data.dali_stage import DaliRunner, view_args
     from acrst_fast.data.loader import BadImagePolicy
     from acrst_fast.data.transforms import sample_strong
 
@@ -103,9 +101,7 @@ def dali_step_batches(views: SquareViews, batch: int, start_step: int, end_step:
             gen = torch.Generator().manual_seed(sample_seed(views.seed, views.stream, position))
             flip = views.augment.flip_prob > 0 and float(torch.rand((), generator=gen)) < views.augment.flip_prob
             try:
-                args = {"encoded": read_encoded(rec), "resized_hw": np.asarray([s, s], np.float32),
-                        "crop_start": np.zeros(2, np.int32), "crop_shape": np.asarray([s, s], np.int32),
-                        "flip": np.int32(flip)} | _strong_args(sample_strong(gen, views.augment, s, s))
+                args = view_args(rec, (s, s), (0, 0, s, s), flip, sample_strong(gen, views.augment, s, s))
             except DataError as err:
                 policy.report(str(err))
                 continue

@@ -63,9 +63,13 @@ class SSMLLNet(nn.Module):
 
 def preprocess(images: list[torch.Tensor] | torch.Tensor, size: int) -> torch.Tensor:
     """Images in [0, 1] (list of Tensor[3, H, W], any sizes, or a batch) -> Tensor[B, 3, size, size],
-    resized (bilinear, antialiased) and normalised."""
-    batch = torch.stack([F.interpolate(im[None].float(), size=(size, size), mode="bilinear", align_corners=False,
-                                       antialias=True)[0] for im in images])
+    resized (bilinear, antialiased; images already size x size are taken as they are) and normalised."""
+    if isinstance(images, torch.Tensor) and tuple(images.shape[-2:]) == (size, size):
+        batch = images.float()  # the training views: made at this size by the data stage
+    else:
+        batch = torch.stack([im.float() if tuple(im.shape[-2:]) == (size, size) else
+                             F.interpolate(im[None].float(), size=(size, size), mode="bilinear",
+                                           align_corners=False, antialias=True)[0] for im in images])
     mean = torch.tensor(MEAN, device=batch.device)[:, None, None]
     std = torch.tensor(STD, device=batch.device)[:, None, None]
     return (batch - mean) / std
