@@ -75,6 +75,6 @@ setup(
         "tensorboard>=2.14",
         "matplotlib>=3.7",
     ],
-    extras_require={"test": ["pytest>=7"], "dali": ["nvidia-dali-cuda130>=2.4"]},
+    extras_require={"test": ["pytest>=7", "pybind11>=2.12", "cmake>=3.18"], "dali": ["nvidia-dali-cuda130>=2.4"]},
     entry_points={"console_scripts": ["acrst-train=acrst_fast.train:main"]},
 )

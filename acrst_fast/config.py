@@ -8,8 +8,11 @@ and the dotted key.
 """
 from __future__ import annotations
 
+from acrst_fast.errors import UserError
+
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,7 +22,12 @@ from typing import Any
 import yaml
 
 
-class ConfigError(ValueError):
+BACKBONES = ("resnet50", "resnet18", "mobilenet_v2")
+AMP_MODES = ("auto", "off", "bf16", "fp16")
+FILTER_MODES = ("single", "two_stage", "mining")
+
+
+class ConfigError(UserError):
     """A config file, key or value is wrong; the message names the file and the dotted key."""
 
 
@@ -124,6 +132,10 @@ class SolverConfig:
     grad_clip_norm: float = 0.0  # 0 = off
     amp: str = "auto"  # auto (bf16 / fp16 on CUDA, off on CPU), off, bf16, fp16: see engine/amp.py
     channels_last: bool = False  # student and teacher in channels-last memory format (convolutions on GPU)
+    # divergence: a checkpoint is "last good" once the next divergence_check_steps steps had finite
+    # losses below divergence_factor x the median loss of the steps before it (see engine/divergence.py)
+    divergence_check_steps: int = 20
+    divergence_factor: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -233,6 +245,7 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Confi
         _apply_override(raw, item, path)
     cfg = _build(Config, raw, prefix="", source=str(path))
     _check_values(cfg, str(path))
+    check_device(cfg, str(path))
     return cfg
 
 
@@ -245,13 +258,36 @@ def dump_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 as PyYAML reads it, except that `1e-3` and `1E+6` are numbers (YAML 1.2), as people write them."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"""),
+    list("-+0123456789."))
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """Parse YAML text (numbers such as 1e-3 included); a syntax error is one line naming `where`, line and column."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        context = getattr(exc, "context", None)
+        raise ConfigError(f"{where}{at}: not valid YAML: {problem}{f' ({context})' if context else ''}") from None
+
+
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the config file ({exc})") from None
+    data = parse_yaml(text, str(path))
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -286,10 +322,7 @@ def _apply_override(raw: dict, item: str, source: Path) -> None:
     if "=" not in item:
         raise ConfigError(f"override '{item}' (for {source}): expected KEY=VALUE, e.g. solver.lr=0.02")
     key, _, text = item.partition("=")
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override '{item}' (for {source}): value is not valid YAML: {exc}") from None
+    value = parse_yaml(text, f"override '{item}' (for {source})")
     node = raw
     parts = key.strip().split(".")
     for part in parts[:-1]:
@@ -348,61 +381,156 @@ def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
 
 
 def _check_values(cfg: Config, source: str) -> None:
-    """Range and consistency checks that types alone cannot express."""
+    """Range and consistency checks that types alone cannot express: every numeric key has a range."""
 
     def need(ok: bool, key: str, msg: str) -> None:
         if not ok:
             raise ConfigError(f"{source}: key '{key}' {msg}")
 
-    s, m, a = cfg.solver, cfg.model, cfg.augment
-    need(s.total_steps > 0, "solver.total_steps", "must be > 0")
-    need(0 <= s.pretrain_steps <= s.total_steps, "solver.pretrain_steps", "must be in [0, solver.total_steps]")
-    need(s.batch_labeled > 0, "solver.batch_labeled", "must be > 0")
-    need(s.batch_unlabeled > 0, "solver.batch_unlabeled", "must be > 0")
-    need(s.lr > 0, "solver.lr", "must be > 0")
-    need(list(s.lr_steps) == sorted(s.lr_steps), "solver.lr_steps", "must be increasing")
-    need(s.amp in ("auto", "off", "bf16", "fp16"), "solver.amp", f"must be auto, off, bf16 or fp16; got '{s.amp}'")
-    need(0.0 <= cfg.mean_teacher.ema_decay < 1.0, "mean_teacher.ema_decay", "must be in [0, 1)")
-    need(0.0 <= cfg.mean_teacher.tau_cls <= 1.0, "mean_teacher.tau_cls", "must be in [0, 1]")
-    need(m.backbone in ("resnet50", "resnet18", "mobilenet_v2"), "model.backbone",
-         f"must be one of resnet50, resnet18, mobilenet_v2; got '{m.backbone}'")
-    need(len(m.anchor_sizes) == 5, "model.anchor_sizes", "must list 5 sizes (one per FPN level)")
-    need(len(a.scales) > 0 and all(x > 0 for x in a.scales), "augment.scales", "must be a non-empty list of sizes")
-    need(len(a.jitter) == 4, "augment.jitter", "must be [brightness, contrast, saturation, hue]")
-    need(len(a.blur_sigma) == 2, "augment.blur_sigma", "must be [min, max]")
-    need(all(len(c) == 3 for c in a.cutout), "augment.cutout", "entries must be [prob, min_area, max_area]")
-    need(cfg.run.device in ("auto", "cpu", "cuda"), "run.device", "must be auto, cpu or cuda")
-    need(cfg.data.pipeline in ("torch", "dali"), "data.pipeline", f"must be torch or dali; got '{cfg.data.pipeline}'")
-    need(cfg.data.bad_images in ("fail", "skip"), "data.bad_images", f"must be fail or skip; got '{cfg.data.bad_images}'")
-    need(0.0 <= cfg.data.split_percent <= 100.0, "data.split_percent", "must be in [0, 100]")
-    r = cfg.acrst
-    need(len(r.n_range) == 2 and 0 <= r.n_range[0] <= r.n_range[1], "acrst.n_range", "must be [N_min, N_max], 0 <= N_min <= N_max")
-    need(len(r.scale_range) == 2 and 0 < r.scale_range[0] <= r.scale_range[1], "acrst.scale_range",
-         "must be [min, max] with 0 < min <= max")
-    need(len(r.banks) > 0 and set(r.banks) <= {"labeled", "pseudo"}, "acrst.banks",
-         f"must be a non-empty subset of [labeled, pseudo]; got {r.banks}")
-    need(r.beta >= 0, "acrst.beta", "must be >= 0")
-    need(0.0 <= r.visibility_threshold < 1.0, "acrst.visibility_threshold", "must be in [0, 1)")
-    need(r.crop_size >= 2 and r.capacity_per_class >= 1 and r.pr_window >= 1, "acrst.crop_size",
-         "crop_size >= 2, capacity_per_class >= 1 and pr_window >= 1 are required")
-    m2 = cfg.ssmll
-    need(m2.filter in ("single", "two_stage", "mining"), "ssmll.filter",
-         f"must be single, two_stage or mining; got '{m2.filter}'")
-    need(m2.filter == "single" or bool(m2.checkpoint), "ssmll.checkpoint",
-         f"must name the classifier (train_ssmll's ssmll_teacher.pt) when ssmll.filter is {m2.filter}")
-    need(m2.backbone in ("resnet50", "resnet18", "mobilenet_v2"), "ssmll.backbone",
-         f"must be one of resnet50, resnet18, mobilenet_v2; got '{m2.backbone}'")
-    need(0 <= m2.pretrain_steps <= m2.total_steps and m2.total_steps > 0, "ssmll.pretrain_steps",
-         "must be in [0, ssmll.total_steps], total_steps > 0")
-    need(0 < m2.tau_ml < 1 and 0 < m2.tau_pos < 1 and 0 < m2.pseudo_threshold < 1, "ssmll.tau_ml",
-         "tau_ml, tau_pos and pseudo_threshold must lie in (0, 1)")
-    need(m2.input_size >= 32 and m2.dim % m2.heads == 0, "ssmll.input_size", "input_size >= 32 and dim divisible by heads")
-    d = cfg.data
+    def within(key: str, value: float, lo: float | None = None, hi: float | None = None,
+               lo_open: bool = False, hi_open: bool = False) -> None:
+        ok = (lo is None or (value > lo if lo_open else value >= lo)) and \
+             (hi is None or (value < hi if hi_open else value <= hi))
+        if not ok:
+            if hi is None:
+                allowed = f"{'>' if lo_open else '>='} {lo:g}"
+            elif lo is None:
+                allowed = f"{'<' if hi_open else '<='} {hi:g}"
+            else:
+                allowed = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+            need(False, key, f"must be {allowed}; got {value!r}")
+
+    def prob(key: str, value: float) -> None:
+        within(key, value, 0.0, 1.0)
+
+    def one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
+        need(value in allowed, key, f"must be one of {', '.join(allowed)}; got '{value}'")
+
+    s, m, a, d, r, m2, run = cfg.solver, cfg.model, cfg.augment, cfg.data, cfg.acrst, cfg.ssmll, cfg.run
+    # solver
+    within("solver.total_steps", s.total_steps, 1)
+    within("solver.pretrain_steps", s.pretrain_steps, 0, s.total_steps)
+    within("solver.batch_labeled", s.batch_labeled, 1)
+    within("solver.batch_unlabeled", s.batch_unlabeled, 1)
+    within("solver.lr", s.lr, 0.0, lo_open=True)
+    within("solver.momentum", s.momentum, 0.0, 1.0, hi_open=True)
+    within("solver.weight_decay", s.weight_decay, 0.0)
+    within("solver.warmup_steps", s.warmup_steps, 0)
+    within("solver.warmup_factor", s.warmup_factor, 0.0, 1.0, lo_open=True)
+    within("solver.lr_gamma", s.lr_gamma, 0.0, 1.0, lo_open=True)
+    within("solver.grad_clip_norm", s.grad_clip_norm, 0.0)
+    need(list(s.lr_steps) == sorted(s.lr_steps) and all(x > 0 for x in s.lr_steps), "solver.lr_steps",
+         f"must be increasing positive steps; got {s.lr_steps}")
+    one_of("solver.amp", s.amp, AMP_MODES)
+    within("solver.divergence_check_steps", s.divergence_check_steps, 1)
+    within("solver.divergence_factor", s.divergence_factor, 1.0, lo_open=True)
+    # mean teacher
+    within("mean_teacher.ema_decay", cfg.mean_teacher.ema_decay, 0.0, 1.0, hi_open=True)
+    prob("mean_teacher.tau_cls", cfg.mean_teacher.tau_cls)
+    within("mean_teacher.lambda_unsup", cfg.mean_teacher.lambda_unsup, 0.0)
+    # model
+    one_of("model.backbone", m.backbone, BACKBONES)
+    within("model.trainable_backbone_layers", m.trainable_backbone_layers, 0, 5)
+    within("model.fpn_channels", m.fpn_channels, 1)
+    within("model.representation_size", m.representation_size, 1)
+    need(len(m.anchor_sizes) == 5 and all(x > 0 for x in m.anchor_sizes), "model.anchor_sizes",
+         f"must list 5 positive sizes (one per FPN level); got {m.anchor_sizes}")
+    for key in ("rpn_pre_nms_top_n_train", "rpn_post_nms_top_n_train", "rpn_pre_nms_top_n_test",
+                "rpn_post_nms_top_n_test", "rpn_batch_size_per_image", "box_batch_size_per_image",
+                "box_detections_per_img"):
+        within(f"model.{key}", getattr(m, key), 1)
+    within("model.roi_sampling_ratio", m.roi_sampling_ratio, 0)
+    prob("model.box_score_thresh", m.box_score_thresh)
+    # augmentation
+    need(len(a.scales) > 0 and all(x > 0 for x in a.scales), "augment.scales",
+         f"must be a non-empty list of positive sizes; got {a.scales}")
+    within("augment.max_size", a.max_size, max(a.scales))
+    within("augment.test_scale", a.test_scale, 1, a.max_size)
+    for key in ("flip_prob", "crop_prob", "jitter_prob", "grayscale_prob", "blur_prob"):
+        prob(f"augment.{key}", getattr(a, key))
+    within("augment.crop_min_frac", a.crop_min_frac, 0.0, 1.0, lo_open=True)
+    need(len(a.jitter) == 4, "augment.jitter", f"must be [brightness, contrast, saturation, hue]; got {a.jitter}")
+    for name, value in zip(("brightness", "contrast", "saturation"), a.jitter):
+        within(f"augment.jitter ({name})", value, 0.0, 1.0)
+    within("augment.jitter (hue)", a.jitter[3], 0.0, 0.5)
+    need(len(a.blur_sigma) == 2 and 0 < a.blur_sigma[0] <= a.blur_sigma[1], "augment.blur_sigma",
+         f"must be [min, max] with 0 < min <= max; got {a.blur_sigma}")
+    need(all(len(c) == 3 and 0 <= c[0] <= 1 and 0 < c[1] <= c[2] < 1 for c in a.cutout), "augment.cutout",
+         f"entries must be [prob in [0, 1], min_area, max_area] with 0 < min_area <= max_area < 1; got {a.cutout}")
+    # data
+    one_of("data.pipeline", d.pipeline, ("torch", "dali"))
+    one_of("data.bad_images", d.bad_images, ("fail", "skip"))
+    within("data.num_workers", d.num_workers, 0)
+    within("data.split_percent", d.split_percent, 0.0, 100.0)
+    within("data.split_fold", d.split_fold, 1)
     need(bool(d.val_json), "data.val_json", "must be set")
     need(bool(d.train_json), "data.train_json", "must be set")
     if s.total_steps > s.pretrain_steps:
         need(bool(d.unlabeled_json or d.unlabeled_images or d.split_percent > 0), "data.unlabeled_json",
              "or data.unlabeled_images or data.split_percent must be set for mutual learning")
+    if d.demo is not None:
+        within("data.demo.num_labeled", d.demo.num_labeled, 1)
+        within("data.demo.num_unlabeled", d.demo.num_unlabeled, 0)
+        within("data.demo.num_val", d.demo.num_val, 1)
+        within("data.demo.image_size", d.demo.image_size, 32)
+        within("data.demo.num_classes", d.demo.num_classes, 1, 8)
+        within("data.demo.imbalance", d.demo.imbalance, 0.0)
+        within("data.demo.max_objects", d.demo.max_objects, 1)
+    # ACRST
+    need(len(r.n_range) == 2 and 0 <= r.n_range[0] <= r.n_range[1], "acrst.n_range",
+         f"must be [N_min, N_max] with 0 <= N_min <= N_max; got {r.n_range}")
+    need(len(r.scale_range) == 2 and 0 < r.scale_range[0] <= r.scale_range[1], "acrst.scale_range",
+         f"must be [min, max] with 0 < min <= max; got {r.scale_range}")
+    need(len(r.banks) > 0 and set(r.banks) <= {"labeled", "pseudo"}, "acrst.banks",
+         f"must be a non-empty subset of [labeled, pseudo]; got {r.banks}")
+    within("acrst.beta", r.beta, 0.0)
+    prob("acrst.flip_prob", r.flip_prob)
+    within("acrst.min_size", r.min_size, 1)
+    within("acrst.visibility_threshold", r.visibility_threshold, 0.0, 1.0, hi_open=True)
+    within("acrst.crop_size", r.crop_size, 2)
+    within("acrst.capacity_per_class", r.capacity_per_class, 1)
+    within("acrst.pr_window", r.pr_window, 1)
+    prob("acrst.pr_threshold", r.pr_threshold)
+    # SSMLL
+    one_of("ssmll.filter", m2.filter, FILTER_MODES)
+    need(m2.filter == "single" or bool(m2.checkpoint), "ssmll.checkpoint",
+         f"must name the classifier (train_ssmll's ssmll_teacher.pt) when ssmll.filter is {m2.filter}")
+    one_of("ssmll.backbone", m2.backbone, BACKBONES)
+    within("ssmll.total_steps", m2.total_steps, 1)
+    within("ssmll.pretrain_steps", m2.pretrain_steps, 0, m2.total_steps)
+    for key in ("tau_ml", "tau_pos", "pseudo_threshold"):
+        within(f"ssmll.{key}", getattr(m2, key), 0.0, 1.0, lo_open=True, hi_open=True)
+    prob("ssmll.mining_min_score", m2.mining_min_score)
+    within("ssmll.input_size", m2.input_size, 32)
+    within("ssmll.dim", m2.dim, 1)
+    within("ssmll.layers", m2.layers, 1)
+    within("ssmll.heads", m2.heads, 1)
+    need(m2.dim % m2.heads == 0, "ssmll.dim", f"must be divisible by ssmll.heads ({m2.heads}); got {m2.dim}")
+    within("ssmll.batch_labeled", m2.batch_labeled, 1)
+    within("ssmll.batch_unlabeled", m2.batch_unlabeled, 1)
+    within("ssmll.lr", m2.lr, 0.0, lo_open=True)
+    within("ssmll.ema_decay", m2.ema_decay, 0.0, 1.0, hi_open=True)
+    within("ssmll.focal_gamma", m2.focal_gamma, 0.0)
+    within("ssmll.lambda_unsup", m2.lambda_unsup, 0.0)
+    within("ssmll.checkpoint_period", m2.checkpoint_period, 1)
+    within("ssmll.eval_period", m2.eval_period, 0)
+    need(all(0 < t < 1 for t in m2.eval_taus), "ssmll.eval_taus", f"must lie in (0, 1); got {m2.eval_taus}")
+    # evaluation and run
+    within("eval.period", cfg.eval.period, 0)
+    one_of("run.device", run.device, ("auto", "cpu", "cuda"))
+    within("run.checkpoint_period", run.checkpoint_period, 0)
+    within("run.keep_checkpoints", run.keep_checkpoints, 1)
+    within("run.log_period", run.log_period, 1)
+    within("run.seed", run.seed, 0)
+
+
+def check_device(cfg: Config, source: str) -> None:
+    """run.device=cuda needs a CUDA device."""
+    import torch
+
+    if cfg.run.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{source}: key 'run.device' is 'cuda' but no CUDA device is available "
+                          "(torch.cuda.is_available() is False); use auto or cpu")
 
 
 def check_paths(cfg: Config, source: str) -> None:

@@ -1,10 +1,19 @@
-"""Rank and world size: the one module that reads torchrun's environment.
+"""Rank and world size, and every collective the engine makes outside DDP.
 
 CUDA runs use NCCL; CPU runs (CI, this machine) use gloo, so multi-process code is exercised
 without a GPU. Launch multi-process runs with `torchrun`.
+
+NCCL reduces device tensors only. So every collective on a CPU tensor (the stop flags, the log
+flush, Pseudo Recall, object gathers, barriers) goes through one explicit gloo group created
+beside the default group (as detectron2's `comm._get_global_gloo_group`), and device tensors go
+through the default group (`group_for`). `ACRST_DIST_BACKEND` overrides the default group's
+backend; the tests start it as `cuda:gloo`, which like NCCL refuses CPU tensors, so a CPU tensor
+that reaches the default group fails in CI as it would on GPUs. `ACRST_DIST_FORCE=1` starts the
+groups even for one process (`torchrun --nproc_per_node=1`), so one GPU runs the NCCL code paths.
 """
 from __future__ import annotations
 
+import datetime
 import os
 import zlib
 from dataclasses import dataclass
@@ -12,6 +21,9 @@ from typing import Any
 
 import torch
 import torch.distributed as td
+
+_CPU_GROUP: Any = None  # the gloo group for CPU tensors (None when not distributed)
+TIMEOUT = datetime.timedelta(minutes=int(os.environ.get("ACRST_DIST_TIMEOUT_MIN", "30")))
 
 
 @dataclass(frozen=True)
@@ -39,18 +51,49 @@ def init_distributed(device_pref: str = "auto") -> DistInfo:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-    if world > 1 and not td.is_initialized():
-        td.init_process_group(backend="nccl" if use_cuda else "gloo")
+    force = os.environ.get("ACRST_DIST_FORCE") == "1"  # a group even alone: NCCL code paths on one GPU
+    if (world > 1 or force) and not td.is_initialized():
+        backend = os.environ.get("ACRST_DIST_BACKEND") or ("nccl" if use_cuda else "gloo")
+        td.init_process_group(backend=backend, timeout=TIMEOUT, device_id=device if use_cuda else None)
+    global _CPU_GROUP
+    if td.is_initialized() and _CPU_GROUP is None:
+        _CPU_GROUP = td.new_group(backend="gloo", timeout=TIMEOUT)
     return DistInfo(rank, world, local_rank, device)
+
+
+def cpu_group() -> Any:
+    """The gloo group every CPU-tensor collective uses."""
+    return _CPU_GROUP
+
+
+def group_for(t: torch.Tensor) -> Any:
+    """The group that reduces `t`: the default group (NCCL on GPUs) for device tensors, gloo for CPU ones."""
+    return _CPU_GROUP if t.device.type == "cpu" else None
+
+
+def device_group(device: torch.device) -> Any:
+    """The group DDP reduces gradients of a model on `device` over."""
+    return _CPU_GROUP if device.type == "cpu" else None
+
+
+def all_reduce(t: torch.Tensor, op: Any = None) -> torch.Tensor:
+    """In-place all-reduce (sum by default) of `t` over the group for its device; `t` unchanged alone."""
+    if td.is_initialized():
+        td.all_reduce(t, op=op if op is not None else td.ReduceOp.SUM, group=group_for(t))
+    return t
 
 
 def world_size() -> int:
     return td.get_world_size() if td.is_initialized() else 1
 
 
+def rank() -> int:
+    return td.get_rank() if td.is_initialized() else 0
+
+
 def barrier() -> None:
     if td.is_initialized():
-        td.barrier()
+        td.barrier(group=_CPU_GROUP)
 
 
 def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
@@ -59,23 +102,20 @@ def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
         return dict(values)
     keys = sorted(values)
     # every rank must reduce the same keys, or values would be summed under the wrong names
-    crc = torch.tensor([zlib.crc32("\n".join(keys).encode())], dtype=torch.int64)
-    lo, hi = crc.clone(), crc.clone()
-    td.all_reduce(lo, op=td.ReduceOp.MIN)
-    td.all_reduce(hi, op=td.ReduceOp.MAX)
-    if lo.item() != hi.item():
+    crc = zlib.crc32("\n".join(keys).encode()) % (1 << 20)  # small enough that the sums below are exact
+    # first a fixed-size check (equal on all ranks <=> n * sum of squares == sum^2), then the values
+    check = all_reduce(torch.tensor([crc, crc * crc], dtype=torch.float64))
+    n = td.get_world_size()
+    if n * int(check[1]) != int(check[0]) ** 2:
         raise RuntimeError(f"rank {td.get_rank()}: metric keys differ between ranks; this rank has {keys}")
     if not keys:
         return {}
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
-    td.all_reduce(t)
-    return {k: float(v) / td.get_world_size() for k, v in zip(keys, t.tolist())}
+    t = all_reduce(torch.tensor([float(values[k]) for k in keys], dtype=torch.float64))
+    return {k: float(v) / n for k, v in zip(keys, t.tolist())}
 
 
 def all_reduce_sum_tensor(t: torch.Tensor) -> torch.Tensor:
-    if td.is_initialized():
-        td.all_reduce(t)
-    return t
+    return all_reduce(t)
 
 
 def gather_to_main(obj: Any) -> list[Any] | None:
@@ -83,7 +123,7 @@ def gather_to_main(obj: Any) -> list[Any] | None:
     if not td.is_initialized():
         return [obj]
     out = [None] * td.get_world_size() if td.get_rank() == 0 else None
-    td.gather_object(obj, out, dst=0)
+    td.gather_object(obj, out, dst=0, group=_CPU_GROUP)
     return out
 
 
@@ -91,10 +131,21 @@ def broadcast_from_main(obj: Any) -> Any:
     if not td.is_initialized():
         return obj
     box = [obj]
-    td.broadcast_object_list(box, src=0)
+    td.broadcast_object_list(box, src=0, group=_CPU_GROUP)
     return box[0]
 
 
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order, on every rank (over the gloo group)."""
+    if not td.is_initialized():
+        return [obj]
+    out = [None] * td.get_world_size()
+    td.all_gather_object(out, obj, group=_CPU_GROUP)
+    return out
+
+
 def shutdown() -> None:
+    global _CPU_GROUP
     if td.is_initialized():
         td.destroy_process_group()
+    _CPU_GROUP = None

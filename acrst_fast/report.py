@@ -13,6 +13,9 @@ evaluation, classes by frequency; Fig. 6), paste_grid.png (training images after
 """
 from __future__ import annotations
 
+from acrst_fast.errors import cli_main
+from acrst_fast.safe_io import OutputError
+
 import argparse
 import json
 import math
@@ -76,6 +79,9 @@ def _keys_with(records: list[dict], prefix: str) -> list[str]:
             if k.startswith(prefix):
                 seen[k] = None
     return list(seen)
+
+
+FIGURES = ('losses.png', 'map.png', 'class_distribution.png', 'pseudo_recall.png', 'pseudo_quality.png', 'per_class_ap.png', 'paste_grid.png')  # the only files the report replaces in RUN_DIR/report/ (with report.md)
 
 
 def _save(fig, out: Path, name: str) -> str:
@@ -276,11 +282,13 @@ def write_report(run_dir: str | Path) -> Path:
     """Write RUN_DIR/report/{*.png, report.md}; returns the path of report.md."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise FileNotFoundError(f"{run_dir}: run folder not found")
+        raise OutputError(f"{run_dir}: run folder not found")
     out = run_dir / "report"
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out}: the report folder names a file")
     out.mkdir(exist_ok=True)
-    for old in out.glob("*.png"):
-        old.unlink()
+    for name in FIGURES:  # this report's own figures only; anything else in the folder is left alone
+        (out / name).unlink(missing_ok=True)
     logs = read_logs(run_dir)
     figures, notes = [], list(logs.notes)
 
@@ -337,13 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dir")
     args = ap.parse_args(argv)
-    try:
-        path = write_report(args.run_dir)
-    except FileNotFoundError as exc:
-        print(f"error: {exc}")
-        return 2
-    print(f"report: {path}")
-    return 0
+    return cli_main(lambda: print(f"report: {write_report(args.run_dir)}"))
 
 
 if __name__ == "__main__":

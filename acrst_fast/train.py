@@ -22,18 +22,21 @@ from torch.nn.parallel import DistributedDataParallel
 from acrst_fast import dist
 from acrst_fast.augment import ACRST, PasteConfig, class_histogram
 from acrst_fast.config import Config, ConfigError, check_paths, config_to_dict, dump_config, load_config
-from acrst_fast.data.build import load_datasets, prepare_data, resolved_data
+from acrst_fast.data.build import drop_bad_images, find_header_problems, load_datasets, prepare_data, resolved_data
 from acrst_fast.data.coco import DataError
 from acrst_fast.data.dali_stage import DaliDataStage
 from acrst_fast.data.loader import TorchDataStage
 from acrst_fast.engine import checkpoint as ckpt
+from acrst_fast.engine.divergence import DivergenceGuard
 from acrst_fast.engine.hooks import (
     CheckpointHook, EMAHook, EvalHook, LoggingHook, LRScheduleHook, MetricsWriter, restore,
 )
 from acrst_fast.engine.mean_teacher import MeanTeacher, StudentLosses
-from acrst_fast.engine.trainer import Trainer, TrainingInterrupted
+from acrst_fast.engine.trainer import Trainer, TrainingDiverged, TrainingInterrupted
+from acrst_fast.errors import UserError, report_error
 from acrst_fast.evaluation.coco_eval import Evaluator
-from acrst_fast.models.detector import WeightsError, build_detector
+from acrst_fast.models.detector import build_detector
+from acrst_fast.safe_io import atomic_write_text
 from acrst_fast.ssmll.model import load_classifier
 
 log = logging.getLogger("acrst_fast")
@@ -44,8 +47,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("config", help="YAML config file")
     ap.add_argument("overrides", nargs="*", help="dotted KEY=VALUE overrides, e.g. solver.lr=0.02")
-    ap.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in run.output_dir")
-    return ap.parse_args(argv)
+    ap.add_argument("--resume", action="store_true",
+                    help="continue from the newest readable checkpoint in run.output_dir")
+    ap.add_argument("--resume-from", metavar="CKPT", default=None,
+                    help="continue from this checkpoint (e.g. the last good one named after a divergence); "
+                         "later checkpoints of the run folder are moved to RUN_DIR/diverged/")
+    return ap.parse_intermixed_args(argv)  # CONFIG --resume KEY=VALUE works too
 
 
 def _per_rank(total: int, world: int, key: str, source: str) -> int:
@@ -54,21 +61,67 @@ def _per_rank(total: int, world: int, key: str, source: str) -> int:
     return total // world
 
 
-def run(cfg: Config, source: str, resume: bool, info: dist.DistInfo) -> dict:
-    """Train per `cfg`; returns the final summary (same on every rank)."""
-    run_dir = Path(cfg.run.output_dir)
-    existing = ckpt.latest_checkpoint(run_dir)
-    if existing is not None and not resume:
-        raise ConfigError(f"{source}: key 'run.output_dir': {run_dir} already holds checkpoints ({existing.name}); "
+class Diverged(Exception):
+    """Training stopped on a non-finite loss; the message says which checkpoint to resume and how."""
+
+
+def _on_main(fn):
+    """Run `fn` on rank 0 only; its result, or its UserError, reaches every rank (no rank is left waiting)."""
+    result, err = None, None
+    if dist.rank() == 0:
+        try:
+            result = fn()
+        except UserError as exc:
+            err = exc
+    result, err = dist.broadcast_from_main((result, err))
+    if err is not None:
+        raise err
+    return result
+
+
+def _prepare_run_dir(cfg: Config, source: str, resume: bool, resume_from: str | None) -> None:
+    """Rank 0: claim the run folder, refuse to start over existing checkpoints, set a resumed-from
+    checkpoint's abandoned successors aside, write config.yaml, generate data. Nothing it did not
+    write is ever touched."""
+    run_dir = ckpt.claim_run_dir(cfg.run.output_dir)
+    found = ckpt.list_checkpoints(run_dir)
+    if found and not (resume or resume_from):
+        raise ConfigError(f"{source}: key 'run.output_dir': {run_dir} already holds checkpoints ({found[-1][1].name}); "
                           "pass --resume to continue it, or choose another run.output_dir")
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, run_dir / "config.yaml")
-        prepare_data(cfg)
-    dist.barrier()
+    if resume_from:
+        start = int(ckpt.load(resume_from)["step"])
+        later = [(s, p) for s, p in found if s > start and p.parent.resolve() == Path(resume_from).parent.resolve()]
+        if later:  # the branch that diverged: kept aside, not deleted, so the newest checkpoint is the resumed one
+            aside = run_dir / "diverged"
+            aside.mkdir(exist_ok=True)
+            for s, p in later:
+                for f in [p, *run_dir.glob(f"ckpt_{s:08d}.rank*.pt")]:
+                    f.replace(aside / f.name)
+    dump_config(cfg, run_dir / "config.yaml")
+    prepare_data(cfg)
+
+
+def _checkpoint_to_resume(run_dir: Path, resume: bool, resume_from: str | None, echo) -> tuple[Path | None, dict | None]:
+    if resume_from:
+        return Path(resume_from), ckpt.load(resume_from)
+    if resume:
+        found = ckpt.load_newest_readable(run_dir, warn=echo)
+        if found is not None:
+            return found
+    return None, None
+
+
+def _load_data(cfg: Config, source: str):
+    """Resolved data config and validated datasets; every image header is checked before training
+    (on rank 0, the verdict shared), so a bad file stops the run, or is dropped with `skip`, now."""
     data_cfg = resolved_data(cfg.data)
     check_paths(dataclasses.replace(cfg, data=data_cfg), source)
     datasets = load_datasets(data_cfg)
+    problems = _on_main(lambda: find_header_problems(datasets, cfg.data.bad_images, max(4, cfg.data.num_workers * 2)))
+    datasets, dropped = drop_bad_images(datasets, problems)
+    if dropped and dist.rank() == 0:
+        print(f"[data] data.bad_images=skip: {len(dropped)} images dropped before training; first: {dropped[0]}",
+              file=sys.stderr, flush=True)
     if not datasets.labeled:
         raise DataError(f"{data_cfg.train_json}: no labeled images")
     if not datasets.val:
@@ -76,13 +129,21 @@ def run(cfg: Config, source: str, resume: bool, info: dist.DistInfo) -> dict:
     if cfg.solver.total_steps > cfg.solver.pretrain_steps and not datasets.unlabeled:
         raise DataError(f"{data_cfg.unlabeled_json or data_cfg.unlabeled_images}: no unlabeled images "
                         "for mutual learning")
+    return data_cfg, datasets
+
+
+def run(cfg: Config, source: str, resume: bool, info: dist.DistInfo, resume_from: str | None = None) -> dict:
+    """Train per `cfg`; returns the final summary (same on every rank)."""
+    run_dir = Path(cfg.run.output_dir)
     echo = (lambda msg: print(msg, flush=True)) if info.is_main else (lambda msg: None)
+    _on_main(lambda: _prepare_run_dir(cfg, source, resume, resume_from))
+    data_cfg, datasets = _load_data(cfg, source)
     echo(f"[data] {len(datasets.labeled)} labeled, {len(datasets.unlabeled)} unlabeled, {len(datasets.val)} val "
          f"images; {datasets.categories.num_classes} classes; world size {info.world}, device {info.device}")
 
     labeled_counts = class_counts(datasets.labeled, datasets.categories.num_classes)
     if info.is_main:  # what the report needs when the dataset is not at hand
-        (run_dir / "dataset_stats.json").write_text(json.dumps({
+        atomic_write_text(run_dir / "dataset_stats.json", json.dumps({
             "classes": list(datasets.categories.names), "labeled_class_counts": [int(c) for c in labeled_counts],
             "num_labeled": len(datasets.labeled), "num_unlabeled": len(datasets.unlabeled),
             "num_val": len(datasets.val)}, indent=1))
@@ -93,33 +154,38 @@ def run(cfg: Config, source: str, resume: bool, info: dist.DistInfo) -> dict:
              f"N in {cfg.acrst.n_range}, beta {cfg.acrst.beta}, selective supervision "
              f"{'on' if cfg.acrst.selective_supervision else 'off'}")
 
+    guard = DivergenceGuard(run_dir, cfg.solver.divergence_check_steps, cfg.solver.divergence_factor, info.is_main)
     start_step, history = 0, []
-    if resume and existing is not None:
-        start_step, history = restore(runner, existing, info.rank)
-        echo(f"[resume] {existing} (step {start_step})")
+    path, state = _checkpoint_to_resume(run_dir, resume, resume_from, echo)
+    if state is not None:
+        start_step, history = restore(runner, path, state, info.rank, config_to_dict(cfg))
+        guard.load_state_dict(state.get("divergence", {}), start_step)
+        echo(f"[resume] {path} (step {start_step})")
     runner.start(start_step)
 
     total = cfg.solver.total_steps
-    writer = MetricsWriter(run_dir, enabled=info.is_main, resume_step=start_step if resume else None)
+    writer = MetricsWriter(run_dir, enabled=info.is_main, start_step=start_step)
     evaluator = Evaluator(data_cfg.val_json, datasets.categories)
     lr_hook = LRScheduleHook(runner, cfg.solver)
     refresh = (lambda: refresh_report(run_dir)) if (cfg.eval.report and info.is_main) else None
     eval_hook = EvalHook(runner, lambda model: evaluator(model, stage.val(), info.device), writer,
                          cfg.eval.period, total, cfg.eval.teacher, cfg.eval.student, echo, after_eval=refresh)
     eval_hook.history = history
-    hooks = [lr_hook, EMAHook(runner), eval_hook,
+    hooks = [lr_hook, EMAHook(runner), eval_hook, guard,
              CheckpointHook(runner, run_dir, cfg.run.checkpoint_period, cfg.run.keep_checkpoints, total,
-                            info.rank, eval_hook, config_to_dict(cfg)),
+                            info.rank, eval_hook, config_to_dict(cfg), guard),
              LoggingHook(writer, lr_hook, cfg.run.log_period, total, cfg.run.progress_bar)]
     trainer = Trainer(runner.run_step, hooks, start_step, total)
     _install_stop_handler(trainer)
     try:
         trainer.train()
+    except TrainingDiverged as exc:
+        raise Diverged(f"training diverged: {exc}. {guard.advice(cfg.solver.lr)}") from None
     finally:
         writer.close()
     summary = summarize(eval_hook.history, datasets.categories.names)
     if info.is_main:
-        (run_dir / "final_metrics.json").write_text(json.dumps(summary, indent=2))
+        atomic_write_text(run_dir / "final_metrics.json", json.dumps(summary, indent=2))
         if cfg.eval.report:
             refresh_report(run_dir)  # again, now with final_metrics.json
         echo(format_summary(summary, run_dir))
@@ -209,8 +275,9 @@ def build_runner(cfg: Config, datasets, info, source: str,
     optimizer = torch.optim.SGD(params, lr=cfg.solver.lr, momentum=cfg.solver.momentum,
                                 weight_decay=cfg.solver.weight_decay)
     losses = StudentLosses(student)
-    if info.world > 1:
-        losses = DistributedDataParallel(losses, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
+    if info.world > 1:  # frozen-BN buffers never change: no per-forward buffer broadcast
+        losses = DistributedDataParallel(losses, device_ids=[info.local_rank] if info.device.type == "cuda" else None,
+                                         process_group=dist.device_group(info.device), broadcast_buffers=False)
     batch_labeled = _per_rank(cfg.solver.batch_labeled, info.world, "solver.batch_labeled", source)
     stage_args = dict(
         batch_labeled=batch_labeled,
@@ -242,23 +309,20 @@ def build_runner(cfg: Config, datasets, info, source: str,
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    info = None
     try:
         cfg = load_config(args.config, args.overrides)
         info = dist.init_distributed(cfg.run.device)
         if info.device.type == "cpu" and info.world > 1:
             torch.set_num_threads(max(1, torch.get_num_threads() // info.world))
-        run(cfg, args.config, args.resume, info)
+        run(cfg, args.config, args.resume, info, args.resume_from)
         return 0
-    except (ConfigError, DataError, WeightsError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except FloatingPointError as exc:
-        print(f"error: training diverged: {exc}. The newest checkpoint in run.output_dir is intact; "
-              "lower solver.lr or set solver.grad_clip_norm and continue with --resume", file=sys.stderr)
+    except UserError as exc:
+        return report_error(exc)
+    except Diverged as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
         return 3
     except TrainingInterrupted as exc:
-        print(f"interrupted: {exc}; continue with --resume", file=sys.stderr)
+        print(f"interrupted: {exc}; continue with --resume", file=sys.stderr, flush=True)
         return 130
     finally:
         dist.shutdown()

@@ -31,7 +31,8 @@ from acrst_fast.data.coco import DataError
 from acrst_fast.engine import checkpoint as ckpt
 from acrst_fast.engine.amp import Precision
 from acrst_fast.engine.ema import ema_update
-from acrst_fast.models.detector import WeightsError
+from acrst_fast.errors import UserError, report_error
+from acrst_fast.safe_io import atomic_write_text
 from acrst_fast.ssmll.data import SquareViews, dali_step_batches, eval_loader, step_loader
 from acrst_fast.ssmll.losses import focal_bce
 from acrst_fast.ssmll.metrics import negative_metrics
@@ -146,8 +147,7 @@ def train(cfg: Config, source: str, resume: bool) -> dict:
         raise DataError(f"{data_cfg.train_json}: no labeled images")
     if m.total_steps > m.pretrain_steps and not datasets.unlabeled:
         raise DataError(f"{data_cfg.unlabeled_json or data_cfg.unlabeled_images}: no unlabeled images")
-    out_dir = Path(m.output_dir or Path(cfg.run.output_dir) / "ssmll")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = ckpt.claim_run_dir(m.output_dir or Path(cfg.run.output_dir) / "ssmll", "ssmll.output_dir")
     device = torch.device("cuda" if cfg.run.device != "cpu" and torch.cuda.is_available() else "cpu")
     trainer = SSMLLTrainer(cfg, k, device)
     start = 0
@@ -156,7 +156,8 @@ def train(cfg: Config, source: str, resume: bool) -> dict:
         raise ConfigError(f"{source}: {out_dir} already holds SSMLL checkpoints ({existing.name}); pass --resume "
                           "to continue, or set ssmll.output_dir")
     if existing is not None:
-        start = trainer.load_state_dict(ckpt.load(existing))
+        existing, state = ckpt.load_newest_readable(out_dir, warn=lambda msg: print(msg, file=sys.stderr, flush=True))
+        start = trainer.load_state_dict(state)
         print(f"[resume] {existing} (step {start})", flush=True)
     workers = cfg.data.num_workers
     lab_views = SquareViews(datasets.labeled, k, m.input_size, cfg.augment, cfg.run.seed, STREAM_LABELED)
@@ -198,7 +199,7 @@ def train(cfg: Config, source: str, resume: bool) -> dict:
     final = max(start, m.total_steps)
     metrics = evaluate(trainer, final, loaders)
     save_classifier(out_dir / "ssmll_teacher.pt", trainer.classifier(final), m, datasets.categories.names)
-    (out_dir / "ssmll_metrics.json").write_text(json.dumps({"step": final, **metrics}, indent=1))
+    atomic_write_text(out_dir / "ssmll_metrics.json", json.dumps({"step": final, **metrics}, indent=1))
     print(format_table(metrics), flush=True)
     print(f"[ssmll] classifier: {out_dir / 'ssmll_teacher.pt'} (set ssmll.checkpoint to it, ssmll.filter=two_stage)",
           flush=True)
@@ -211,14 +212,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("config")
     ap.add_argument("overrides", nargs="*", help="dotted KEY=VALUE overrides, e.g. ssmll.total_steps=100")
     ap.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in ssmll.output_dir")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
         train(cfg, args.config, args.resume)
         return 0
-    except (ConfigError, DataError, WeightsError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except UserError as exc:
+        return report_error(exc)
     except FloatingPointError as exc:
         print(f"error: SSMLL training diverged: {exc}; lower ssmll.lr and continue with --resume", file=sys.stderr)
         return 3

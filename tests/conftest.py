@@ -10,8 +10,22 @@ import pytest
 import torch
 import yaml
 
-if not torch.cuda.is_available():  # Triton kernels run on CPU tensors under the interpreter
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:  # Triton kernels run on CPU tensors under the interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Triton reads TRITON_INTERPRET once, when a kernel is defined: a process runs either compiled
+# kernels (CUDA tensors) or the interpreter (CPU tensors), never both. On a GPU machine the
+# compiled kernel is what matters, so the interpreter cases (marked `triton_cpu`) are skipped there.
+INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def cpu_and_cuda(triton: bool = False) -> list:
+    """Device parameters for a device-dependent test, as torchvision's tests do: "cpu" and "cuda".
+
+    The cuda case carries the `cuda` mark and shows as skipped where there is no GPU. With
+    `triton=True` the cpu case runs a Triton kernel under the interpreter (mark `triton_cpu`)."""
+    return [pytest.param("cpu", marks=[pytest.mark.triton_cpu] if triton else []),
+            pytest.param("cuda", marks=pytest.mark.cuda)]
 
 from acrst_fast.config import DemoDataConfig
 from acrst_fast.data.demo import generate
@@ -23,12 +37,14 @@ TINY_DEMO = DemoDataConfig(num_labeled=8, num_unlabeled=8, num_val=6, image_size
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    no_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    no_interp = pytest.mark.skip(reason="Triton runs compiled on this GPU machine (TRITON_INTERPRET unset); "
+                                        "the cuda case of this test runs the kernel")
     for item in items:
-        if "cuda" in item.keywords:
-            item.add_marker(skip)
+        if "cuda" in item.keywords and not HAS_CUDA:
+            item.add_marker(no_gpu)
+        if "triton_cpu" in item.keywords and not INTERPRETER:
+            item.add_marker(no_interp)
 
 
 @pytest.fixture(scope="session")
@@ -72,14 +88,23 @@ def cpu_env():
     return env
 
 
-def run_group(cmd: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
-    """subprocess.run, but a timeout kills the whole process group (torchrun's workers too), not only `cmd`."""
-    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+def start_group(cmd: list[str], **kwargs) -> subprocess.Popen:
+    """Popen `cmd` in a new process group (torchrun's workers too), text stdout/stderr piped."""
+    return subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             **kwargs)
+
+
+def finish_group(proc: subprocess.Popen, timeout: float) -> subprocess.CompletedProcess:
+    """Wait for `start_group`'s process; a timeout kills the whole group and fails the test (a hang)."""
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
-        raise AssertionError(f"timed out after {timeout}s: {' '.join(cmd)}\n{out[-2000:]}\n{err[-2000:]}") from None
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+        raise AssertionError(f"timed out after {timeout}s: {' '.join(proc.args)}\n{out[-2000:]}\n{err[-2000:]}") from None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def run_group(cmd: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """subprocess.run, but a timeout kills the whole process group (torchrun's workers too), not only `cmd`."""
+    return finish_group(start_group(cmd, **kwargs), timeout)

@@ -19,7 +19,7 @@ def test_resolve_amp_modes():
 
 def test_config_rejects_unknown_amp(tmp_path, tiny_demo):
     raw = tiny_config_dict(tiny_demo, tmp_path / "run", amp="half")
-    with pytest.raises(ConfigError, match="solver.amp.*must be auto, off, bf16 or fp16"):
+    with pytest.raises(ConfigError, match="solver.amp.*must be one of auto, off, bf16, fp16"):
         load_config(write_config(tmp_path / "c.yaml", raw))
 
 

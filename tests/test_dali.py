@@ -8,6 +8,7 @@ from acrst_fast.config import AugmentConfig
 from acrst_fast.data.coco import DataError, load_coco_records
 from acrst_fast.data.dali_stage import DaliDataStage
 from acrst_fast.data.loader import TorchDataStage
+from conftest import cpu_and_cuda
 
 AUG = AugmentConfig(scales=[80, 96, 112], max_size=160, test_scale=96, crop_prob=0.5, flip_prob=0.5)
 
@@ -26,12 +27,9 @@ def _stages(records, rank=0, world=1, bad_images="fail", device_id=None):
             DaliDataStage(*records, AUG, device_id=device_id, threads=1, **kw))
 
 
-def _devices():
-    return [None] + ([0] if torch.cuda.is_available() else [])
-
-
-@pytest.mark.parametrize("device_id", _devices())
-def test_dali_views_match_the_fallback(tiny_demo, device_id):
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_dali_views_match_the_fallback(tiny_demo, device):
+    device_id = 0 if device == "cuda" else None
     torch_stage, dali_stage = _stages(_records(tiny_demo), device_id=device_id)
     for stream in ("labeled", "unlabeled"):
         t_iter, d_iter = getattr(torch_stage, stream)(2), getattr(dali_stage, stream)(2)

@@ -11,6 +11,7 @@ from acrst_fast.augment import (PasteConfig, draw_uniforms, merge_pastes, merge_
                                 paste_pixels_ref, plan_paste, plan_paste_ref)
 from acrst_fast.augment import planner
 from acrst_fast.kernels.crop_paste import paste_pixels_triton
+from conftest import cpu_and_cuda
 
 
 def _seed() -> int:
@@ -145,11 +146,7 @@ def _random_ops(gen, hw, n_slots, per_image):
     return torch.tensor(ops, dtype=torch.int64).reshape(-1, 7)
 
 
-def _devices():
-    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
-@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("device", cpu_and_cuda(triton=True))
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_triton_paste_equals_reference(device, dtype, channels_last):
@@ -177,13 +174,15 @@ def test_triton_paste_equals_reference(device, dtype, channels_last):
     assert not torch.equal(expect, base)  # something was pasted
 
 
-def test_triton_paste_later_wins_and_empty_ops():
+@pytest.mark.parametrize("device", cpu_and_cuda(triton=True))
+def test_triton_paste_later_wins_and_empty_ops(device):
     bank = torch.stack([torch.full((3, 4, 4), 10, dtype=torch.uint8), torch.full((3, 4, 4), 200, dtype=torch.uint8)])
-    images = torch.zeros(1, 3, 10, 10, dtype=torch.uint8)
+    bank = bank.to(device)
+    images = torch.zeros(1, 3, 10, 10, dtype=torch.uint8, device=device)
     hw = torch.tensor([[10, 10]])
     assert torch.equal(paste_pixels_triton(images, hw, torch.zeros((0, 7), dtype=torch.int64), bank), torch.zeros_like(images))
     ops = torch.tensor([[0, 0, 0, 0, 6, 6, 0], [0, 1, 3, 3, 6, 6, 1]])
-    out = paste_pixels_triton(images, hw, ops, bank)[0, 0]
+    out = paste_pixels_triton(images, hw, ops, bank)[0, 0].cpu()
     assert (out[3:9, 3:9] == 200).all() and (out[:3, :6] == 10).all() and (out[:3, 6:] == 0).all()
 
 

@@ -91,4 +91,4 @@ def test_report_of_empty_or_missing_folder(tmp_path, capsys):
     text = write_report(tmp_path).read_text()
     assert "metrics.jsonl not found" in text and "losses.png: no training records yet" in text
     assert report_main([str(tmp_path / "nope")]) == 2
-    assert "run folder not found" in capsys.readouterr().out
+    assert "run folder not found" in capsys.readouterr().err

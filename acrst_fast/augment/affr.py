@@ -45,15 +45,23 @@ class PseudoRecall:
         Collective when distributed: every rank must call it once per step. Returns this step's
         all-reduced per-class sums, Tensor[K].
         """
+        step_sum = dist.all_reduce_sum_tensor(self.local_sums(predictions))
+        self.push(step_sum)
+        return step_sum
+
+    def local_sums(self, predictions: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        """This rank's per-class confidence sums of one step, Tensor[K] float64 (CPU); not reduced."""
         step_sum = torch.zeros(self.num_classes, dtype=torch.float64)
         for p in predictions:
             keep = p["scores"] >= self.threshold
             if keep.any():
                 step_sum.index_add_(0, (p["labels"][keep] - 1).cpu(), p["scores"][keep].detach().double().cpu())
-        step_sum = dist.all_reduce_sum_tensor(step_sum)
+        return step_sum
+
+    def push(self, step_sum: torch.Tensor) -> None:
+        """Add one step's all-reduced sums (Tensor[K]) to the window."""
         self.history[self.steps % self.window] = step_sum
         self.steps += 1
-        return step_sum
 
     def value(self) -> torch.Tensor:
         """PR over the window, Tensor[K] float64."""

@@ -79,17 +79,22 @@ class CropBank:
                 kept_scores.append(s)
         if not slots:
             return 0
+        offered = len(slots)
+        # a later offer to the same slot in this call wins, as if the offers were made one by one;
+        # duplicates are resolved here, because index_put_ with repeated indices is undefined on CUDA
+        last = sorted({slot: j for j, slot in enumerate(slots)}.values())
+        slots, crops_from = [slots[j] for j in last], [crops_from[j] for j in last]
+        keep_boxes, sizes, kept_scores = ([xs[j] for j in last] for xs in (keep_boxes, sizes, kept_scores))
         rois = torch.cat([torch.tensor(crops_from, dtype=torch.float32, device=self.device)[:, None],
                           torch.stack(keep_boxes).float().to(self.device)], dim=1)
         batch, _ = stack_padded([im.to(self.device, torch.float32) for im in images])
         crops = roi_align(batch, rois, output_size=self.crop_size, spatial_scale=1.0, sampling_ratio=2, aligned=True)
         idx = torch.tensor(slots, device=self.device)
-        # a later offer to the same slot in this call wins, as if the offers were made one by one
         self.pixels[idx] = (crops.clamp(0, 1) * 255).round().to(torch.uint8)
         self.size_hw[idx] = torch.stack(sizes).float().to(self.device)
         self.score[idx] = torch.stack(kept_scores).float().to(self.device)
         self.valid[idx] = True
-        return len(slots)
+        return offered
 
     def _take_slot(self, source: int, label: int, generator: torch.Generator | None) -> int | None:
         if not 1 <= label <= self.num_classes:
@@ -112,6 +117,42 @@ class CropBank:
             mask[s * per_source:(s + 1) * per_source] = True
         idx = torch.nonzero(self.valid & mask).flatten()
         return idx, self.classes()[idx], self.size_hw[idx]
+
+    def labeled_part(self) -> dict:
+        """This rank's Labeled sub-bank, CPU tensors: per class (1..K) the stored crops in slot order
+        (`pixels` uint8[E, 3, S, S], `size_hw` float32[E, 2], `score` float32[E], `label` int64[E])
+        and `seen` int64[K], the ground truths offered."""
+        per = self.num_classes * self.capacity
+        idx = torch.nonzero(self.valid[:per]).flatten()
+        return {"pixels": self.pixels[idx].cpu(), "size_hw": self.size_hw[idx].cpu(), "score": self.score[idx].cpu(),
+                "label": (idx // self.capacity + 1).cpu(), "seen": self.seen[LABELED].clone()}
+
+    def set_labeled(self, parts: list[dict], generator: torch.Generator) -> None:
+        """Replace the Labeled sub-bank by the union of every rank's `labeled_part()` (rank order).
+
+        Per class: all stored crops when they fit, else `capacity` of them drawn without
+        replacement, each crop of rank r weighted by seen_r / stored_r (the ground truths it stands
+        for), so the bank stays close to a uniform sample of the whole labeled set. Every rank
+        passes the same parts and an identically seeded generator and so holds the same bank."""
+        per = self.num_classes * self.capacity
+        self.valid[:per] = False
+        for k in range(1, self.num_classes + 1):
+            chosen, weights = [], []
+            for part in parts:
+                mine = torch.nonzero(part["label"] == k).flatten()
+                chosen += [(part, int(j)) for j in mine]
+                weights += [float(part["seen"][k - 1]) / max(1, len(mine))] * len(mine)
+            if len(chosen) > self.capacity:
+                pick = torch.multinomial(torch.tensor(weights, dtype=torch.float64), self.capacity,
+                                         replacement=False, generator=generator)
+                chosen = [chosen[i] for i in sorted(pick.tolist())]
+            if chosen:
+                base = self.slot_base(LABELED, k)
+                idx = torch.arange(base, base + len(chosen), device=self.device)
+                for name in ("pixels", "size_hw", "score"):
+                    getattr(self, name)[idx] = torch.stack([p[name][j] for p, j in chosen]).to(self.device)
+                self.valid[idx] = True
+        self.seen[LABELED] = torch.stack([p["seen"] for p in parts]).sum(0)
 
     def state_dict(self) -> dict:
         return {"pixels": self.pixels.cpu(), "size_hw": self.size_hw.cpu(), "score": self.score.cpu(),

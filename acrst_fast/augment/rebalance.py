@@ -63,6 +63,13 @@ class ACRST:
         """Offer ground-truth crops to the Labeled bank (a per-class reservoir). Returns crops stored."""
         return self.bank.add(LABELED, images, boxes, labels, None, generator)
 
+    def share_labeled_bank(self, generator: torch.Generator) -> None:
+        """Collective, once, after every rank has offered its shard of the labeled set: every rank's
+        Labeled crops are gathered (over the gloo group) and merged the same way on every rank, so
+        each rank samples from the whole labeled set (`CropBank.set_labeled`). A no-op alone."""
+        if dist.world_size() > 1:
+            self.bank.set_labeled(dist.all_gather_object(self.bank.labeled_part()), generator)
+
     def observe_teacher(self, weak_images: list[torch.Tensor], predictions: list[dict], pseudo_labels: list[dict],
                         generator: torch.Generator | None = None) -> None:
         """Update Pseudo Recall from all teacher predictions (score >= threshold) and put the kept
@@ -70,10 +77,12 @@ class ACRST:
         pseudo-label class counts)."""
         t0 = self._clock()
         step = self.recall.steps
-        self.recall.update(predictions)
         counts = class_histogram(torch.cat([p["labels"] for p in pseudo_labels]), self.num_classes) \
             if pseudo_labels else torch.zeros(self.num_classes, dtype=torch.float64)
-        self.pl_counts[step % len(self.pl_counts)] = dist.all_reduce_sum_tensor(counts)  # global, like PR
+        # one collective a step: PR sums and pseudo-label counts together (CPU tensor: the gloo group)
+        both = dist.all_reduce_sum_tensor(torch.cat([self.recall.local_sums(predictions), counts]))
+        self.recall.push(both[:self.num_classes])
+        self.pl_counts[step % len(self.pl_counts)] = both[self.num_classes:]  # global, like PR
         t0 = self._add_time("pr", t0)
         self.bank.add(PSEUDO, weak_images, [p["boxes"] for p in pseudo_labels], [p["labels"] for p in pseudo_labels],
                       [p["scores"] for p in pseudo_labels], generator)

@@ -15,6 +15,8 @@ What is accepted and what is rejected:
 """
 from __future__ import annotations
 
+from acrst_fast.errors import UserError
+
 import json
 import logging
 import math
@@ -31,7 +33,7 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Bad input data. The message names the file, the record and the problem."""
 
 
@@ -184,8 +186,22 @@ def load_folder_records(image_dir: str | Path, first_id: int = 1) -> list[ImageR
     return [ImageRecord(first_id + i, str(image_dir / n), 0, 0, empty_b, empty_l) for i, n in enumerate(names)]
 
 
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def to_rgb8(im: Image.Image) -> Image.Image:
+    """An 8-bit RGB copy of a decoded image. 16-bit grayscale (PNG `I;16`, or `I`) is scaled to 8 bit
+    as round(v * 255 / 65535), as DALI's decoder does, instead of PIL's saturating conversion."""
+    if im.mode in _SIXTEEN_BIT:
+        arr = np.asarray(im).astype(np.int64)
+        gray = ((arr.clip(0, 65535) * 255 + 32767) // 65535).astype(np.uint8)
+        return Image.fromarray(gray).convert("RGB")
+    return im.convert("RGB")
+
+
 def decode_image(record: ImageRecord) -> torch.Tensor:
-    """Decode to uint8 Tensor[3, H, W] (RGB). Grayscale/CMYK/alpha images are converted to RGB.
+    """Decode to uint8 Tensor[3, H, W] (RGB). Grayscale/CMYK/alpha images are converted to RGB;
+    16-bit grayscale is scaled to 8 bit (`to_rgb8`).
 
     Raises DataError naming the file and image id if the file is missing, truncated or corrupt,
     or if its size disagrees with the json's width/height.
@@ -194,7 +210,7 @@ def decode_image(record: ImageRecord) -> torch.Tensor:
     try:
         with Image.open(record.path) as im:
             im.load()
-            rgb = im.convert("RGB")
+            rgb = to_rgb8(im)
     except FileNotFoundError:
         raise DataError(f"{where}: image file not found") from None
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:

@@ -6,7 +6,8 @@ Writes, under `root`:
     labeled/  unlabeled/  val/            JPEG images
     labeled.json  unlabeled.json  val.json  COCO instances (unlabeled.json's boxes are hidden
                                             ground truth: never trained on, used for metrics)
-Generation is deterministic in (config, seed) and atomic (written beside, then renamed).
+Generation is deterministic in (config, seed) and atomic (written beside, then renamed). It
+writes only into a folder that is absent, empty or an earlier demo folder holding nothing else.
     python -m acrst_fast.data.demo OUT_DIR [--seed S]
 """
 from __future__ import annotations
@@ -14,16 +15,21 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from acrst_fast.config import DemoDataConfig
+from acrst_fast.data.coco import DataError
+from acrst_fast.errors import cli_main
 
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "diamond", "star", "bar")
 SPLITS = (("labeled", "num_labeled"), ("unlabeled", "num_unlabeled"), ("val", "num_val"))
+STAMP = "DONE"  # written last; holds the config, so the generator knows which files are its own
 
 
 def class_probs(cfg: DemoDataConfig) -> np.ndarray:
@@ -107,28 +113,96 @@ def _make_image(cfg: DemoDataConfig, rng: np.random.Generator, probs: np.ndarray
     return im, objects
 
 
+def _stamp(cfg: DemoDataConfig) -> str:
+    return json.dumps(dataclasses.asdict(cfg), sort_keys=True)
+
+
+def _stamped_config(root: Path) -> DemoDataConfig | None:
+    """The config recorded in `root/DONE` by an earlier `generate`, or None when there is no valid stamp."""
+    try:
+        return DemoDataConfig(**json.loads((root / STAMP).read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _written_by(cfg: DemoDataConfig) -> dict[str, set[str] | None]:
+    """What `generate(cfg)` writes: top-level name -> the names inside it (None for a file)."""
+    out: dict[str, set[str] | None] = {STAMP: None}
+    for split, count_key in SPLITS:
+        out[f"{split}.json"] = None
+        out[split] = {f"{i:06d}.jpg" for i in range(getattr(cfg, count_key))}
+    return out
+
+
+def _check_ours(root: Path) -> None:
+    """Raise DataError unless `root` is absent, empty, or holds only what an earlier `generate` wrote there."""
+    if not root.exists():
+        return
+    if not root.is_dir():
+        raise DataError(f"{root}: the demo dataset folder names a file; the demo generator writes only into a new, "
+                        "empty or earlier demo folder")
+    names = sorted(os.listdir(root))
+    if not names:
+        return
+    stamped = _stamped_config(root)
+    expected = _written_by(stamped) if stamped is not None else {}
+    foreign = [n for n in names if n not in expected]
+    for n in names:
+        if n in expected and expected[n] is not None:
+            inner = root / n
+            foreign += [f"{n}/{m}" for m in sorted(os.listdir(inner)) if m not in expected[n]] if inner.is_dir() \
+                else [n]
+    if foreign:
+        why = "holds files the demo generator did not write" if stamped is not None else \
+            "is not empty and was not written by the demo generator (no DONE stamp)"
+        raise DataError(f"{root}: this folder {why} ({', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}); "
+                        "it is left untouched. Remove the 'data.demo' section to train on your own data, or point "
+                        "data.train_json at a new folder for the demo")
+
+
 def generate(root: str | Path, cfg: DemoDataConfig) -> Path:
-    """Write the demo dataset under `root` unless an identical one (same config) is already there."""
+    """Write the demo dataset under `root` unless an identical one (same config) is already there.
+
+    `root` must be absent, empty, or a demo folder written earlier (stamped `DONE`) that holds
+    nothing else: a folder with any other content is an error that names it, and is never touched.
+    """
     root = Path(root)
-    stamp = json.dumps(dataclasses.asdict(cfg), sort_keys=True)
-    if (root / "DONE").is_file() and (root / "DONE").read_text() == stamp:
+    if (root / STAMP).is_file() and (root / STAMP).read_text() == _stamp(cfg):
+        _check_ours(root)
         return root
     if not 1 <= cfg.num_classes <= len(SHAPES):
-        raise ValueError(f"demo: num_classes must be in [1, {len(SHAPES)}], got {cfg.num_classes}")
-    tmp = root.with_name(root.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+        raise DataError(f"demo: num_classes must be in [1, {len(SHAPES)}], got {cfg.num_classes}")
+    _check_ours(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp", dir=root.parent))  # a new folder of our own
+    try:
+        _write(tmp, cfg)
+        if root.exists():  # empty, or an earlier demo folder (checked above): set it aside, then drop it
+            old = Path(tempfile.mkdtemp(prefix=f".{root.name}.old", dir=root.parent))
+            root.rename(old / root.name)
+            tmp.rename(root)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return root
+
+
+def _write(out: Path, cfg: DemoDataConfig) -> None:
+    """Write every split of the demo dataset into the (new, empty) folder `out`, the DONE stamp last."""
     probs = class_probs(cfg)
     categories = [{"id": k + 1, "name": SHAPES[k], "supercategory": "shape"} for k in range(cfg.num_classes)]
     next_image_id, next_ann_id = 1, 1
     for split_idx, (split, count_key) in enumerate(SPLITS):
-        (tmp / split).mkdir()
+        (out / split).mkdir()
         images, anns = [], []
         for i in range(getattr(cfg, count_key)):
             rng = np.random.default_rng([cfg.seed, split_idx, i])
             im, objects = _make_image(cfg, rng, probs)
             name = f"{i:06d}.jpg"
-            im.save(tmp / split / name, quality=92)
+            im.save(out / split / name, quality=92)
             images.append({"id": next_image_id, "file_name": name, "width": im.width, "height": im.height})
             for box, k in objects:
                 x1, y1, x2, y2 = (round(float(v), 2) for v in box)
@@ -137,22 +211,22 @@ def generate(root: str | Path, cfg: DemoDataConfig) -> Path:
                              "area": round((x2 - x1) * (y2 - y1), 2), "iscrowd": 0})
                 next_ann_id += 1
             next_image_id += 1
-        (tmp / f"{split}.json").write_text(json.dumps({"images": images, "annotations": anns,
+        (out / f"{split}.json").write_text(json.dumps({"images": images, "annotations": anns,
                                                        "categories": categories}))
-    (tmp / "DONE").write_text(stamp)
-    shutil.rmtree(root, ignore_errors=True)
-    tmp.rename(root)
-    return root
+    (out / STAMP).write_text(_stamp(cfg))
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out_dir")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    root = generate(args.out_dir, DemoDataConfig(seed=args.seed))
-    print(f"demo dataset written to {root}")
+
+    def body() -> None:
+        print(f"demo dataset written to {generate(args.out_dir, DemoDataConfig(seed=args.seed))}")
+
+    return cli_main(body)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

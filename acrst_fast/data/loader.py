@@ -11,8 +11,12 @@ the checkpoint was written.
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
 import logging
+import multiprocessing
+import os
+import signal
 from dataclasses import dataclass, field
 from typing import Iterator, Protocol
 
@@ -24,6 +28,27 @@ from acrst_fast.data.coco import DataError, ImageRecord, decode_image
 from acrst_fast.data.transforms import (
     Geometry, apply_geometry_to_boxes, apply_geometry_to_image, sample_geometry, strong_photometric,
 )
+
+# Set in the main process when it exits (atexit runs this before multiprocessing terminates its
+# workers); forked DataLoader workers share it.
+_MAIN_EXITING = multiprocessing.get_context("fork").Event()
+atexit.register(_MAIN_EXITING.set)
+
+
+def _worker_stop_signal(signum, frame) -> None:
+    if _MAIN_EXITING.is_set() or os.getppid() == 1:  # the main process is leaving (or gone): leave too
+        os._exit(0)
+
+
+def ignore_stop_signals(_worker_id: int = 0) -> None:
+    """DataLoader worker init: survive SIGTERM and SIGINT while the main process runs.
+
+    A scheduler's cancel (`kill -- -PGID`) or Ctrl-C signals the whole process group. The workers
+    then live on while the main process finishes its step and writes the stop checkpoint; when it
+    exits, they leave with it (its own shutdown, or the SIGTERM multiprocessing sends at exit)."""
+    signal.signal(signal.SIGTERM, _worker_stop_signal)
+    signal.signal(signal.SIGINT, _worker_stop_signal)
+
 
 log = logging.getLogger(__name__)
 STREAM_LABELED, STREAM_UNLABELED, STREAM_VAL = 0, 1, 2
@@ -214,7 +239,7 @@ class TorchDataStage:
         base = torch.Generator().manual_seed(sample_seed(self.seed, stream, -(10**6) - start_step))
         loader = DataLoader(ds, batch_size=self.batch[stream], sampler=sampler, collate_fn=collate,
                             num_workers=self.num_workers, prefetch_factor=2 if self.num_workers > 0 else None,
-                            generator=base)
+                            generator=base, worker_init_fn=ignore_stop_signals if self.num_workers > 0 else None)
         return _checked(loader, self.policy)
 
     def labeled(self, start_step: int) -> Iterator[Batch]:

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from acrst_fast.data.coco import IMAGE_SUFFIXES, DataError, read_json
+from acrst_fast.errors import cli_main
+from acrst_fast.safe_io import atomic_write_text, new_output_file
 
 
 def standard_split_paths(json_path: str | Path, percent: float, fold: int, out_dir: str | Path) -> tuple[Path, Path]:
@@ -41,10 +43,15 @@ def choose_labeled(image_ids: list[int], percent: float, fold: int) -> set[int]:
     return {int(i) for i in ids[order[:n]]}
 
 
-def _atomic_write_json(obj: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
+def _write_split_file(obj: dict, path: Path) -> None:
+    """Write a split file; one already there is kept if it holds exactly this split, else it is an error
+    (a split file is deterministic in its name, so another content is not ours to replace)."""
+    text = json.dumps(obj)
+    if path.exists():
+        if path.is_file() and path.read_text(encoding="utf-8", errors="replace") == text:
+            return
+        raise DataError(f"{path}: exists with other content than this split; remove it or choose another --out")
+    atomic_write_text(path, text)
 
 
 def write_standard_split(json_path: str | Path, percent: float, fold: int, out_dir: str | Path) -> tuple[Path, Path]:
@@ -64,8 +71,8 @@ def write_standard_split(json_path: str | Path, percent: float, fold: int, out_d
                            images=[im for im in data["images"] if (im["id"] in labeled) == keep],
                            annotations=[a for a in anns if (a.get("image_id") in labeled) == keep])
     lab_path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_json(parts["labeled"], lab_path)
-    _atomic_write_json(parts["unlabeled"], unl_path)
+    _write_split_file(parts["labeled"], lab_path)
+    _write_split_file(parts["unlabeled"], unl_path)
     return lab_path, unl_path
 
 
@@ -76,6 +83,7 @@ def write_folder_json(image_dir: str | Path, out_path: str | Path) -> Path:
     image_dir = Path(image_dir)
     if not image_dir.is_dir():
         raise DataError(f"{image_dir}: image folder not found")
+    out_path = new_output_file(out_path, "--out")
     images = []
     for i, name in enumerate(sorted(n for n in os.listdir(image_dir) if n.lower().endswith(IMAGE_SUFFIXES))):
         try:
@@ -84,13 +92,13 @@ def write_folder_json(image_dir: str | Path, out_path: str | Path) -> Path:
         except OSError as exc:
             raise DataError(f"{image_dir / name}: cannot read image header: {exc}") from None
         images.append({"id": i + 1, "file_name": name, "width": w, "height": h})
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_json({"images": images, "annotations": []}, out_path)
+    if not images:
+        raise DataError(f"{image_dir}: no image files ({', '.join(IMAGE_SUFFIXES)}); nothing written")
+    atomic_write_text(out_path, json.dumps({"images": images, "annotations": []}))
     return out_path
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("standard")
@@ -102,15 +110,20 @@ def main(argv: list[str] | None = None) -> None:
     a.add_argument("image_dir")
     a.add_argument("--out", required=True)
     args = ap.parse_args(argv)
-    try:
+
+    def body() -> None:
         if args.cmd == "standard":
+            if not 0 < args.percent <= 100:
+                raise DataError(f"--percent must be in (0, 100], got {args.percent:g}")
+            if args.fold < 1:
+                raise DataError(f"--fold must be >= 1, got {args.fold}")
             for p in write_standard_split(args.json, args.percent, args.fold, args.out):
                 print(p)
         else:
             print(write_folder_json(args.image_dir, args.out))
-    except DataError as exc:
-        raise SystemExit(f"error: {exc}")
+
+    return cli_main(body)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

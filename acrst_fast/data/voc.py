@@ -16,6 +16,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from acrst_fast.data.coco import DataError
+from acrst_fast.errors import cli_main
+from acrst_fast.safe_io import atomic_write_text, new_output_file
 
 VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
                "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
@@ -83,21 +85,22 @@ def convert(voc_root: str | Path, year: str, split: str, difficult_as_crowd: boo
     return {"images": images, "annotations": anns, "categories": categories}
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("voc_root")
     ap.add_argument("--year", required=True)
     ap.add_argument("--split", required=True)
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
-    try:
+
+    def body() -> None:
+        out = new_output_file(args.out, "--out")
         data = convert(args.voc_root, args.year, args.split)
-    except DataError as exc:
-        raise SystemExit(f"error: {exc}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(data))
-    print(f"{args.out}: {len(data['images'])} images, {len(data['annotations'])} boxes")
+        atomic_write_text(out, json.dumps(data))
+        print(f"{out}: {len(data['images'])} images, {len(data['annotations'])} boxes")
+
+    return cli_main(body)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

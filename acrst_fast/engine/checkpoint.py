@@ -18,7 +18,20 @@ from typing import Any
 import numpy as np
 import torch
 
+from acrst_fast.errors import UserError, one_line
+from acrst_fast.safe_io import atomic_write, claim_dir
+
 _NAME = re.compile(r"^ckpt_(\d{8})\.pt$")
+# everything the trainer and train_ssmll write into a run folder (and their temporary files)
+_RUN_ENTRY = re.compile(r"^(config\.yaml|metrics\.jsonl|dataset_stats\.json|final_metrics\.json|last_good\.json|"
+                        r"tensorboard|report|ssmll|diverged|ssmll_teacher\.pt|ssmll_metrics\.json|"
+                        r"ckpt_\d{8}(\.rank\d+)?\.pt|\..+\.tmp\d+)$")
+
+
+def claim_run_dir(run_dir: str | Path, what: str = "run.output_dir") -> Path:
+    """Create the run folder, or accept an existing one that holds only what runs write; anything
+    else in it is an OutputError naming it (the engine never overwrites what it did not create)."""
+    return claim_dir(run_dir, lambda name: _RUN_ENTRY.match(name) is not None, what)
 
 
 def checkpoint_path(run_dir: str | Path, step: int) -> Path:
@@ -44,26 +57,17 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    try:  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
+    """torch.save to a temporary file, fsync, rename (safe_io.atomic_write). A failed save (disk full,
+    permissions) raises OutputError with the path and the free space, and leaves no temporary file."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def prune(run_dir: str | Path, keep: int) -> None:
-    """Delete all but the newest `keep` checkpoints, with their per-rank parts."""
+def prune(run_dir: str | Path, keep: int, protect: tuple[int, ...] = ()) -> None:
+    """Delete all but the newest `keep` checkpoints and those of the steps in `protect` (the last
+    good one), with their per-rank parts."""
     for step, p in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        if step in protect:
+            continue
         p.unlink(missing_ok=True)
         for part in Path(run_dir).glob(f"ckpt_{step:08d}.rank*.pt"):
             part.unlink(missing_ok=True)
@@ -84,8 +88,34 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class CheckpointError(UserError):
+    """A checkpoint cannot be read or does not fit the model."""
+
+
 def load(path: str | Path) -> dict:
+    """Read a checkpoint (on the CPU); CheckpointError in one line if it is unreadable."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001
-        raise RuntimeError(f"{path}: cannot read checkpoint: {exc}") from None
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - torch raises many kinds for a truncated or foreign file
+        raise CheckpointError(f"{path}: cannot read checkpoint ({one_line(str(exc))[:160]})") from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise CheckpointError(f"{path}: not an acrst_fast checkpoint (no 'step')")
+    return state
+
+
+def load_newest_readable(run_dir: str | Path, warn=print) -> tuple[Path, dict] | None:
+    """The newest checkpoint that can be read, with its state; an unreadable newer one is named in a
+    warning and skipped (a truncated file, a disk that filled up). None when there is none."""
+    skipped = []
+    for _step, p in reversed(list_checkpoints(run_dir)):
+        try:
+            state = load(p)
+        except CheckpointError as exc:
+            skipped.append(str(exc))
+            continue
+        for msg in skipped:
+            warn(f"warning: {msg}; falling back to {p.name}")
+        return p, state
+    if skipped:
+        raise CheckpointError(f"{run_dir}: no readable checkpoint ({skipped[0]})")
+    return None

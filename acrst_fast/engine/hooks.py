@@ -8,7 +8,6 @@ from __future__ import annotations
 import bisect
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -18,8 +17,10 @@ from tqdm import tqdm
 from acrst_fast import dist
 from acrst_fast.config import SolverConfig
 from acrst_fast.engine import checkpoint as ckpt
+from acrst_fast.engine.divergence import DivergenceGuard
 from acrst_fast.engine.mean_teacher import PHASE_MUTUAL, MeanTeacher, StepOutput
 from acrst_fast.engine.trainer import HookBase, Trainer
+from acrst_fast.safe_io import atomic_write_text
 
 
 def lr_at(step: int, s: SolverConfig) -> float:
@@ -58,24 +59,24 @@ class EMAHook(HookBase):
 class MetricsWriter:
     """metrics.jsonl (one JSON object a line) and TensorBoard scalars in the run folder; rank 0 only.
 
-    On resume from step S, records of steps after S (written by the killed run after its last
-    checkpoint) are dropped, so the files read as one uninterrupted run.
+    Opened at step S (the checkpoint's step on resume, 0 for a new run), records of steps after
+    S (written by a killed or failed run after its last checkpoint) are dropped, so the files
+    read as one uninterrupted run; a new run starts with an empty log.
     """
 
-    def __init__(self, run_dir: Path, enabled: bool, resume_step: int | None = None):
+    def __init__(self, run_dir: Path, enabled: bool, start_step: int = 0):
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
         self._tb = None
         if not enabled:
             return
-        if resume_step is not None and self.path.is_file():
-            kept = [ln for ln in self.path.read_text().splitlines() if _step_of(ln) <= resume_step]
-            tmp = self.path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(ln + "\n" for ln in kept))
-            os.replace(tmp, self.path)
+        if self.path.is_file():
+            kept = [ln for ln in self.path.read_text(encoding="utf-8", errors="replace").splitlines()
+                    if 0 < _step_of(ln) <= start_step]
+            atomic_write_text(self.path, "".join(ln + "\n" for ln in kept))
         from torch.utils.tensorboard import SummaryWriter
 
-        self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step)
+        self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step)
 
     def write(self, record: dict, scalars: dict[str, float]) -> None:
         if not self.enabled:
@@ -215,9 +216,10 @@ class CheckpointHook(HookBase):
     """
 
     def __init__(self, runner: MeanTeacher, run_dir: Path, period: int, keep: int, total: int, rank: int,
-                 eval_hook: EvalHook | None, config: dict):
+                 eval_hook: EvalHook | None, config: dict, guard: DivergenceGuard | None = None):
         self.runner, self.run_dir, self.period, self.keep, self.total = runner, run_dir, period, keep, total
         self.rank, self.is_main, self.eval_hook, self.config = rank, rank == 0, eval_hook, config
+        self.guard = guard
 
     def save(self, step: int) -> None:
         """Each rank writes its own state (its CropBank) first; rank 0 writes the main file last, so a
@@ -226,6 +228,8 @@ class CheckpointHook(HookBase):
             ckpt.atomic_save({"step": step, "acrst": self.runner.acrst.state_dict()},
                              ckpt.rank_state_path(self.run_dir, step, self.rank))
         rngs = dist.gather_to_main(ckpt.rng_state())  # also a barrier: every rank's part is on disk
+        if self.guard is not None:
+            self.guard.on_saved(step)
         if not self.is_main:
             return
         state = {
@@ -237,9 +241,10 @@ class CheckpointHook(HookBase):
             "rng": rngs,
             "eval_history": self.eval_hook.history if self.eval_hook else [],
             "config": self.config,
+            "divergence": self.guard.state_dict() if self.guard is not None else {},
         }
         ckpt.atomic_save(state, ckpt.checkpoint_path(self.run_dir, step))
-        ckpt.prune(self.run_dir, self.keep)
+        ckpt.prune(self.run_dir, self.keep, self.guard.protected() if self.guard is not None else ())
 
     def after_step(self, trainer: Trainer) -> None:
         if trainer.step == self.total or (self.period > 0 and trainer.step % self.period == 0):
@@ -251,11 +256,16 @@ class CheckpointHook(HookBase):
         self.save(trainer.step)
 
 
-def restore(runner: MeanTeacher, path: Path, rank: int) -> tuple[int, list[dict]]:
-    """Load a checkpoint into the runner; returns (step, eval history)."""
-    state = ckpt.load(path)
-    runner.student.load_state_dict(state["student"])
-    runner.teacher.load_state_dict(state["teacher"])
+def restore(runner: MeanTeacher, path: Path, state: dict, rank: int, config: dict) -> tuple[int, list[dict]]:
+    """Load checkpoint `state` (read from `path`) into the runner; returns (step, eval history).
+
+    A checkpoint of another model (a changed model setting or class list) is a CheckpointError
+    naming the config keys that differ, in one line."""
+    try:
+        runner.student.load_state_dict(state["student"])
+        runner.teacher.load_state_dict(state["teacher"])
+    except RuntimeError as exc:
+        raise ckpt.CheckpointError(f"{path}: {_model_mismatch(state.get('config', {}), config, exc)}") from None
     runner.optimizer.load_state_dict(state["optimizer"])
     runner.precision.load_state_dict(state.get("grad_scaler", {}))
     rngs = state["rng"]
@@ -264,7 +274,27 @@ def restore(runner: MeanTeacher, path: Path, rank: int) -> tuple[int, list[dict]
     if runner.acrst is not None:
         part = ckpt.rank_state_path(path.parent, step, rank)
         if not part.is_file():
-            raise RuntimeError(f"{path}: this rank's ACRST state {part.name} is missing (was the run started "
-                               "without acrst.fbr, or with fewer processes?)")
+            raise ckpt.CheckpointError(f"{path}: this rank's ACRST state {part.name} is missing (was the run started "
+                                       "without acrst.fbr, or with fewer processes?)")
         runner.acrst.load_state_dict(ckpt.load(part)["acrst"])
     return step, list(state.get("eval_history", []))
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _model_mismatch(saved: dict, current: dict, exc: Exception) -> str:
+    """One line: which model settings differ between the checkpoint and this run."""
+    a, b = _flatten(saved), _flatten(current)
+    keys = [k for k in sorted(set(a) | set(b)) if k.startswith("model.") and a.get(k) != b.get(k)]
+    if keys:
+        diffs = ", ".join(f"{k} ({a.get(k)!r} in the checkpoint, {b.get(k)!r} now)" for k in keys[:4])
+        return (f"the checkpoint holds another model: {diffs}{' ...' if len(keys) > 4 else ''}; resume with the "
+                "checkpoint's settings, or start a new run.output_dir")
+    first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)[:200]
+    return (f"the checkpoint's weights do not fit this model although the model settings are equal "
+            f"(was the dataset's class list changed?): {first}")

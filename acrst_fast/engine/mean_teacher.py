@@ -18,6 +18,7 @@ Pseudo bank from the kept pseudo-labels on the unlabeled weak views, every mutua
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -53,6 +54,11 @@ class StepOutput:
     pseudo_per_image: float = 0.0
     seconds: dict[str, float] = field(default_factory=dict)
     extras: dict[str, float] = field(default_factory=dict)  # ACRST diagnostics, averaged by the logger
+
+    def describe(self) -> str:
+        """The loss and its terms, for the divergence message."""
+        terms = lambda d: "{" + ", ".join(f"{k}: {v:.4g}" for k, v in d.items()) + "}"  # noqa: E731
+        return f"loss {self.total:.4g}; sup {terms(self.sup)}" + (f", unsup {terms(self.unsup)}" if self.unsup else "")
 
 
 class StudentLosses(nn.Module):
@@ -130,6 +136,8 @@ class MeanTeacher:
         self._params = [p for p in student.parameters() if p.requires_grad]
         self.precision = Precision(cfg.solver.amp, device)
         self.sync_timing = False  # benchmarks: synchronise the GPU at each timing boundary
+        inject = os.environ.get("ACRST_INJECT_NAN", "")  # "STEP:RANK": this rank's loss at STEP becomes NaN
+        self._inject_nan_at = int(inject.split(":")[0]) if inject and int(inject.split(":")[1]) == rank else -1
 
     def _now(self) -> float:
         return clock(self.device, self.sync_timing)
@@ -186,6 +194,9 @@ class MeanTeacher:
             if step < self.labeled_bank_steps:
                 self.acrst.add_ground_truth(self._to(lab.weak), [t["boxes"] for t in lab_targets],
                                             [t["labels"] for t in lab_targets], self._generator(step, 1))
+                if step == self.labeled_bank_steps - 1:  # the first pass is over on every rank
+                    # the same generator on every rank (not per rank), so the merged banks are equal
+                    self.acrst.share_labeled_bank(torch.Generator().manual_seed(sample_seed(self.cfg.run.seed, 104, 0)))
             lab_images, lab_targets, pasted_lab = self._rebalance(lab_images, lab_targets, self._generator(step, 2),
                                                                   labeled=True)
             extras["acrst/pasted_per_image_labeled"] = pasted_lab
@@ -217,10 +228,8 @@ class MeanTeacher:
         loss = sum(sup[k] for k in SUP_LOSS_TERMS)
         if unsup:
             loss = loss + self.cfg.mean_teacher.lambda_unsup * sum(unsup[k] for k in unsup_terms)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"step {step}: loss is {loss.item()} "
-                                     f"(sup {({k: float(v) for k, v in sup.items()})}, "
-                                     f"unsup {({k: float(v) for k, v in unsup.items()})})")
+        if self._inject_nan_at == step:  # fault injection for the tests (ACRST_INJECT_NAN=STEP:RANK)
+            loss = loss * float("nan")
         self.optimizer.zero_grad(set_to_none=True)
         self.precision.backward(loss)
         if self.cfg.solver.grad_clip_norm > 0:

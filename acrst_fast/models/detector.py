@@ -11,6 +11,8 @@ Weights are random unless the config names a local file:
 """
 from __future__ import annotations
 
+from acrst_fast.errors import UserError
+
 import hashlib
 import logging
 import re
@@ -33,7 +35,7 @@ from acrst_fast.models.weighted_heads import enable_box_weights
 log = logging.getLogger(__name__)
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError):
     """A weights file is missing, corrupt, or does not fit the model; the message names the file."""
 
 

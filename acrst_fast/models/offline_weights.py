@@ -7,9 +7,11 @@ that its sha256 starts with b0353104.
 """
 from __future__ import annotations
 
+from acrst_fast.errors import cli_main
+from acrst_fast.safe_io import atomic_write
+
 import argparse
 import importlib.util
-import shutil
 from pathlib import Path
 
 from acrst_fast.models.detector import WeightsError, verify_torchvision_hash
@@ -32,21 +34,16 @@ def install_mobilenet_v2(dest_dir: str | Path) -> Path:
         raise WeightsError(f"{src}: not found in the installed {PACKAGE}")
     verify_torchvision_hash(src)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_suffix(".tmp")
-    shutil.copyfile(src, tmp)
-    tmp.replace(dest)
+    atomic_write(dest, lambda f: f.write(src.read_bytes()))
     return dest
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("dest_dir")
     args = ap.parse_args(argv)
-    try:
-        print(install_mobilenet_v2(args.dest_dir))
-    except WeightsError as exc:
-        raise SystemExit(f"error: {exc}")
+    return cli_main(lambda: print(install_mobilenet_v2(args.dest_dir)))
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

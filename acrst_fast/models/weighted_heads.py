@@ -8,12 +8,17 @@ Classification terms are unchanged (paper Eq. 10: classification on all pseudo-l
 regression on pasted instances only).
 
 Only the loss paths are overridden; everything else is torchvision's `RegionProposalNetwork`
-and `RoIHeads`. `enable_box_weights(model)` switches a built Faster R-CNN to these classes.
+and `RoIHeads`. `enable_box_weights(model)` switches a built Faster R-CNN to these classes, and
+both box coders to `Float32BoxCoder`: torchvision's coder casts anchors and proposals to the
+dtype of the regression output, so under bf16 autocast every proposal, RoI box and detection
+would be rounded to bf16 (2 px steps above 256 px); here boxes are always decoded in float32
+while the convolutions and linear layers stay in the autocast dtype.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.faster_rcnn import FasterRCNN
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork
@@ -91,8 +96,18 @@ class WeightedRoIHeads(RoIHeads):
         return [], {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg}
 
 
+class Float32BoxCoder(BoxCoder):
+    """torchvision's `BoxCoder`, decoding in float32 whatever the dtype of the regression output."""
+
+    def decode_single(self, rel_codes: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        return super().decode_single(rel_codes.float(), boxes.float())
+
+
 def enable_box_weights(model: FasterRCNN) -> FasterRCNN:
-    """Switch the RPN and RoI heads of a built Faster R-CNN to the weighted-loss subclasses (no new state)."""
+    """Switch the RPN and RoI heads of a built Faster R-CNN to the weighted-loss subclasses and the
+    box coders to `Float32BoxCoder` (no new state)."""
     model.rpn.__class__ = WeightedRPN
     model.roi_heads.__class__ = WeightedRoIHeads
+    model.rpn.box_coder.__class__ = Float32BoxCoder
+    model.roi_heads.box_coder.__class__ = Float32BoxCoder
     return model

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from acrst_fast.config import AugmentConfig
 from acrst_fast.data.coco import DataError, ImageRecord, decode_image
-from acrst_fast.data.loader import sample_seed
+from acrst_fast.data.loader import ignore_stop_signals, sample_seed
 from acrst_fast.data.transforms import strong_photometric
 from acrst_fast.ssmll.metrics import image_labels
 
@@ -78,7 +78,8 @@ def step_loader(views: SquareViews, batch: int, start_step: int, end_step: int, 
     # its own generator: creating the iterator must not draw from the global RNG (exact resume)
     gen = torch.Generator().manual_seed(sample_seed(views.seed, views.stream, start_step))
     return DataLoader(views, batch_sampler=StepBatches(batch, start_step, end_step), num_workers=workers,
-                      collate_fn=_collate, generator=gen)
+                      collate_fn=_collate, generator=gen,
+                      worker_init_fn=ignore_stop_signals if workers > 0 else None)
 
 
 def dali_step_batches(views: SquareViews, batch: int, start_step: int, end_step: int, device_id: int | None,
@@ -117,4 +118,4 @@ def eval_loader(records: list[ImageRecord], num_classes: int, size: int, augment
                 batch: int, workers: int) -> DataLoader:
     views = SquareViews(records, num_classes, size, augment, seed=0, stream=0, train=False)
     return DataLoader(views, batch_size=batch, shuffle=False, num_workers=workers, collate_fn=_collate,
-                      generator=torch.Generator().manual_seed(0))
+                      generator=torch.Generator().manual_seed(0), worker_init_fn=ignore_stop_signals if workers > 0 else None)

@@ -9,6 +9,8 @@ images in [0, 1] of any size). Output: Tensor[B, K] logits, class k = label k + 
 """
 from __future__ import annotations
 
+from acrst_fast.errors import one_line
+
 import dataclasses
 from pathlib import Path
 
@@ -96,8 +98,8 @@ def load_classifier(path: str | Path, class_names: tuple[str, ...],
     """
     try:
         blob = torch.load(path, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError, EOFError) as exc:
-        raise WeightsError(f"{path}: cannot read the SSMLL classifier: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - a foreign or truncated file raises many kinds
+        raise WeightsError(f"{path}: not an SSMLL classifier file (cannot read it: {one_line(str(exc))[:160]})") from None
     if not isinstance(blob, dict) or blob.get("kind") != "ssmll_classifier":
         raise WeightsError(f"{path}: not an SSMLL classifier file (train one with python -m acrst_fast.train_ssmll)")
     if tuple(blob["class_names"]) != tuple(class_names):
