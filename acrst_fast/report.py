@@ -43,7 +43,7 @@ def read_logs(run_dir: Path) -> RunLogs:
     if not path.is_file():
         logs.notes.append("metrics.jsonl not found: no training or evaluation records")
     else:
-        bad = 0
+        bad, foreign = 0, []
         for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
             if not line.strip():
                 continue
@@ -52,16 +52,26 @@ def read_logs(run_dir: Path) -> RunLogs:
             except json.JSONDecodeError:
                 bad += 1
                 continue
+            if not isinstance(rec, dict) or not isinstance(rec.get("step"), int) or isinstance(rec["step"], bool):
+                foreign.append(n)  # valid JSON, but not a record of this engine
+                continue
             (logs.evals if rec.get("kind") == "eval" else logs.train).append(rec)
         if bad:
             logs.notes.append(f"metrics.jsonl: {bad} unreadable line(s) skipped (a run killed mid-write)")
+        if foreign:
+            logs.notes.append(f"metrics.jsonl: {len(foreign)} line(s) skipped that are not records (an object with "
+                              f"an integer 'step'), first: line {foreign[0]}")
     for name, attr in (("dataset_stats.json", "stats"), ("final_metrics.json", "final")):
         p = run_dir / name
         if p.is_file():
             try:
-                setattr(logs, attr, json.loads(p.read_text()))
+                value = json.loads(p.read_text(encoding="utf-8", errors="replace"))
             except json.JSONDecodeError:
-                logs.notes.append(f"{name}: unreadable, ignored")
+                value = None
+            if isinstance(value, dict):
+                setattr(logs, attr, value)
+            else:
+                logs.notes.append(f"{name}: unreadable or not an object, ignored")
     if logs.final is None:
         logs.notes.append("final_metrics.json not found: the run has not finished (figures show what is logged)")
     return logs

@@ -84,6 +84,7 @@ def _prepare_run_dir(cfg: Config, source: str, resume: bool, resume_from: str | 
     checkpoint's abandoned successors aside, write config.yaml, generate data. Nothing it did not
     write is ever touched."""
     run_dir = ckpt.claim_run_dir(cfg.run.output_dir)
+    ckpt.remove_stale_temporaries(run_dir)
     found = ckpt.list_checkpoints(run_dir)
     if found and not (resume or resume_from):
         raise ConfigError(f"{source}: key 'run.output_dir': {run_dir} already holds checkpoints ({found[-1][1].name}); "
@@ -171,10 +172,12 @@ def run(cfg: Config, source: str, resume: bool, info: dist.DistInfo, resume_from
     eval_hook = EvalHook(runner, lambda model: evaluator(model, stage.val(), info.device), writer,
                          cfg.eval.period, total, cfg.eval.teacher, cfg.eval.student, echo, after_eval=refresh)
     eval_hook.history = history
+    # the log line of a step is on disk before its checkpoint: a kill between them resumes from the
+    # previous checkpoint and drops the newer lines, so log and checkpoints always agree
     hooks = [lr_hook, EMAHook(runner), eval_hook, guard,
+             LoggingHook(writer, lr_hook, cfg.run.log_period, total, cfg.run.progress_bar),
              CheckpointHook(runner, run_dir, cfg.run.checkpoint_period, cfg.run.keep_checkpoints, total,
-                            info.rank, eval_hook, config_to_dict(cfg), guard),
-             LoggingHook(writer, lr_hook, cfg.run.log_period, total, cfg.run.progress_bar)]
+                            info.rank, eval_hook, config_to_dict(cfg), guard)]
     trainer = Trainer(runner.run_step, hooks, start_step, total)
     _install_stop_handler(trainer)
     try:

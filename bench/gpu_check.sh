@@ -74,7 +74,7 @@ TAIL=6 run bench_ema 60 "$PY" bench/ema.py --device cuda --repeat 5
 TAIL=16 run bench_train_step_demo 120 "$PY" bench/train_step.py --steps 3 --warmup 1 configs/demo.yaml \
     'model.backbone_weights=""' run.device=cuda
 TC=""
-for d in ../shared/data/tiny_coco shared/data/tiny_coco; do [ -f "$d/annotations/instances_train2017.json" ] && TC="$d" && break; done
+for d in tests/data/coco ../shared/data/tiny_coco; do [ -f "$d/annotations/instances_train2017.json" ] && TC="$d" && break; done
 if [ -n "$TC" ]; then
   PIPE_ARGS=(--images "$TC/train2017" --json "$TC/annotations/instances_train2017.json")
 else  # no COCO photos: the demo data bench_train_step_demo generated (160 px squares, resized to 640..800 by the views)

@@ -1,7 +1,7 @@
 """Benchmark: the DALI data stage vs the torch/torchvision fallback, images per second.
 
-    python bench/pipeline.py [--images ../shared/data/tiny_coco/train2017]
-                             [--json ../shared/data/tiny_coco/annotations/instances_train2017.json]
+    python bench/pipeline.py [--images tests/data/coco/train2017]
+                             [--json tests/data/coco/annotations/instances_train2017.json]
                              [--workers 2] [--batch 16] [--batches 8] [--device auto]
 
 Both stages produce the unlabeled stream's weak + strong views at the paper's resolution (short
@@ -26,7 +26,7 @@ from acrst_fast.data.coco import decode_image, load_coco_records
 from acrst_fast.data.dali_stage import DaliDataStage
 from acrst_fast.data.loader import TorchDataStage
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "tiny_coco"
+SHARED = Path(__file__).resolve().parents[1] / "tests" / "data" / "coco"  # the real photos shipped with the tests
 
 
 def images_per_s(batches, n: int, device: torch.device) -> float:

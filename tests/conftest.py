@@ -31,7 +31,7 @@ from acrst_fast.config import DemoDataConfig
 from acrst_fast.data.demo import generate
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_COCO = REPO.parent / "shared" / "data" / "tiny_coco"
+TINY_COCO = REPO / "tests" / "data" / "coco"  # shipped: a fresh clone needs nothing outside the repo
 
 TINY_DEMO = DemoDataConfig(num_labeled=8, num_unlabeled=8, num_val=6, image_size=96, num_classes=4, seed=3)
 

@@ -115,9 +115,9 @@ def test_real_tiny_coco_photos():
     """Real COCO: sparse category ids, crowd boxes, grayscale photos, real sizes."""
     assert TINY_COCO.is_dir(), f"shipped data missing: {TINY_COCO}"
     records, cats = load_coco_records(TINY_COCO / "annotations/instances_val2017.json", TINY_COCO / "val2017")
-    assert len(records) == 50 and cats.num_classes == 80 and cats.ids[-1] == 90
+    assert len(records) == 17 and cats.num_classes == 80 and cats.ids[-1] == 90
     n_boxes = sum(len(r.boxes) for r in records)
-    assert n_boxes > 100
+    assert n_boxes > 80
     for r in records:
         assert (r.labels >= 1).all() and (r.labels <= 80).all()
         assert (r.boxes[:, 2] > r.boxes[:, 0]).all() and (r.boxes[:, 2] <= r.width).all()

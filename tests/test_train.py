@@ -1,5 +1,6 @@
 """Training: a step lowers the loss, mutual learning trains on pseudo-labels, resume is exact, torchrun works."""
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -78,37 +79,75 @@ def _assert_same_state(a: dict, b: dict):
         assert torch.equal(v["momentum_buffer"], b["optimizer"]["state"][k]["momentum_buffer"])
 
 
-@pytest.mark.slow
-def test_killed_run_resumes_to_identical_weights(tmp_path, tiny_demo, cpu_env):
-    raw = tiny_config_dict(tiny_demo, tmp_path / "full", total_steps=10, pretrain_steps=4)
-    full_cfg = write_config(tmp_path / "full.yaml", raw)
-    subprocess.run(_train_cmd(full_cfg), check=True, env=cpu_env, cwd=REPO, capture_output=True, timeout=600)
-    reference = _final_state(tmp_path / "full")
-    assert reference["step"] == 10
+KILL_SHIM = """
+import os, signal
+from pathlib import Path
+point, _, step = os.environ.get("ACRST_TEST_KILL", "").partition(":")
+if point:
+    step = int(step)
+    from acrst_fast.engine import checkpoint, hooks
+    die = lambda: os.kill(os.getpid(), signal.SIGKILL)
+    if point == "after_log":  # the log line of `step` is on disk, its checkpoint is not
+        write = hooks.MetricsWriter.write
+        def logged(self, record, scalars):
+            write(self, record, scalars)
+            if record.get("kind") == "train" and record["step"] == step:
+                die()
+        hooks.MetricsWriter.write = logged
+    else:
+        atomic_write = checkpoint.atomic_write
+        def saved(path, fn):
+            name = Path(path).name
+            if name == f"ckpt_{step:08d}.pt" and point == "mid_checkpoint":  # half a temporary file
+                Path(path).with_name(f".{name}.tmp{os.getpid()}").write_bytes(b"partial")
+                die()
+            out = atomic_write(path, fn)
+            if name == f"ckpt_{step:08d}.pt" and point == "after_checkpoint":  # renamed, nothing after
+                die()
+            return out
+        checkpoint.atomic_write = saved
+"""
 
-    raw["run"]["output_dir"] = str(tmp_path / "killed")
-    killed_cfg = write_config(tmp_path / "killed.yaml", raw)
-    proc = subprocess.Popen(_train_cmd(killed_cfg), env=cpu_env, cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while ckpt.latest_checkpoint(tmp_path / "killed") is None or \
-            ckpt.list_checkpoints(tmp_path / "killed")[-1][0] < 4:
-        assert proc.poll() is None and time.time() < deadline, "run ended before it could be killed"
-        time.sleep(0.05)
-    proc.kill()  # SIGKILL: no chance to clean up
-    proc.wait()
-    killed_at = ckpt.list_checkpoints(tmp_path / "killed")[-1][0]
-    assert killed_at < 10
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_demo):
+    """A 10-step run (pre-training 4, checkpoints every 2) never interrupted: the reference."""
+    root = tmp_path_factory.mktemp("reference")
+    raw = tiny_config_dict(tiny_demo, root / "run", total_steps=10, pretrain_steps=4)
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
+    subprocess.run(_train_cmd(write_config(root / "c.yaml", raw)), check=True, env=env, cwd=REPO,
+                   capture_output=True, timeout=600)
+    return raw, _final_state(root / "run")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["after_log", "mid_checkpoint", "after_checkpoint"])
+def test_killed_run_resumes_to_identical_weights(tmp_path, uninterrupted, cpu_env, point):
+    """Log and checkpoints are one transaction: a SIGKILL at a chosen point around step 6's log line and
+    checkpoint, then --resume, gives one log with every step exactly once and bit-identical weights."""
+    raw, reference = uninterrupted
+    assert reference["step"] == 10
+    raw = {**raw, "run": {**raw["run"], "output_dir": str(tmp_path / "killed")}}
+    cfg = write_config(tmp_path / "killed.yaml", raw)
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(KILL_SHIM)
+    env = dict(cpu_env, ACRST_TEST_KILL=f"{point}:6", PYTHONPATH=f"{shim}{os.pathsep}{cpu_env.get('PYTHONPATH', '')}")
+    killed = subprocess.run(_train_cmd(cfg), env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    steps = [s for s, _ in ckpt.list_checkpoints(tmp_path / "killed")]
+    assert steps == ([2, 4, 6] if point == "after_checkpoint" else [2, 4])
     for step, path in ckpt.list_checkpoints(tmp_path / "killed"):  # no partial file under a checkpoint's name
         assert ckpt.load(path)["step"] == step
-    again = subprocess.run(_train_cmd(killed_cfg), env=cpu_env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    again = subprocess.run(_train_cmd(cfg), env=cpu_env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert again.returncode == 2 and "--resume" in again.stderr  # never overwrites a run by accident
-    subprocess.run(_train_cmd(killed_cfg, "--resume"), check=True, env=cpu_env, cwd=REPO, capture_output=True,
-                   timeout=600)
+    resumed = subprocess.run(_train_cmd(cfg, "--resume"), env=cpu_env, cwd=REPO, capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
     _assert_same_state(_final_state(tmp_path / "killed"), reference)
-    steps = [json.loads(ln)["step"] for ln in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
-             if json.loads(ln)["kind"] == "train"]
-    assert steps == list(range(1, 11))  # the log reads as one run: no step twice, none missing
+    records = [json.loads(ln) for ln in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, 11))  # each step exactly once
+    assert not [p for p in (tmp_path / "killed").iterdir() if ".tmp" in p.name]  # the partial file is gone
 
 
 @pytest.mark.slow

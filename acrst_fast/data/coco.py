@@ -6,16 +6,22 @@ of the reference json (the labeled training json); `category_ids[label - 1]` map
 
 What is accepted and what is rejected:
 - an image with no annotations: valid (all of its pixels are background);
+- an image-only json (no `categories`, no `annotations`): a valid unlabeled set;
 - `iscrowd=1` boxes: kept out of training targets (pycocotools still uses them in evaluation);
-- zero-width/height boxes: kept out of training targets, counted, reported once per file;
+- zero-width/height boxes, and boxes entirely outside their image: kept out of training
+  targets, counted, reported once per file;
 - boxes sticking out of the image: clipped to it;
-- rejected with `DataError` naming the file and the record: invalid JSON, missing sections,
-  negative or non-finite width/height, a category id not in `categories`, an annotation of an
-  unknown image id, a missing image file, an image that cannot be decoded (truncated, corrupt).
+- categories without any box in the labeled json (a Roboflow export's placeholder category 0,
+  say): reported at load time;
+- rejected with `DataError` naming the file and the record: a file that is not UTF-8 or not
+  JSON, a section of the wrong container type, a field of the wrong type or null (every field
+  of `images`, `annotations` and `categories` that is read), negative or non-finite box sizes,
+  duplicate image, annotation or category ids, a category id not in `categories`, an annotation
+  of an unknown image id, a missing image file, an image that cannot be decoded.
+- EXIF orientation is ignored: pixels are used as stored, and the json's width/height (and its
+  boxes) describe them, as in COCO itself. DALI decodes the same way (`adjust_orientation=False`).
 """
 from __future__ import annotations
-
-from acrst_fast.errors import UserError
 
 import json
 import logging
@@ -27,6 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+
+from acrst_fast.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +72,14 @@ class Categories:
         return {cid: i + 1 for i, cid in enumerate(self.ids)}
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def read_json(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
@@ -71,10 +87,17 @@ def read_json(path: str | Path) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); JSON files must be UTF-8") from None
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: not a COCO instances file (the top level is a {type(data).__name__}, not an object)")
+    if not isinstance(data.get("images"), list):
         raise DataError(f"{path}: not a COCO instances file (no 'images' list)")
+    for section in ("annotations", "categories"):
+        if section in data and not isinstance(data[section], list):
+            raise DataError(f"{path}: '{section}' must be a list, got {type(data[section]).__name__}")
     return data
 
 
@@ -85,13 +108,49 @@ def read_categories(path: str | Path, data: dict | None = None) -> Categories:
         raise DataError(f"{path}: no 'categories' list")
     seen: dict[int, str] = {}
     for i, c in enumerate(cats):
-        if not isinstance(c, dict) or not isinstance(c.get("id"), int):
-            raise DataError(f"{path}: categories[{i}]: needs an integer 'id'")
+        if not isinstance(c, dict):
+            raise DataError(f"{path}: categories[{i}]: must be an object, got {type(c).__name__}")
+        if not _is_int(c.get("id")):
+            raise DataError(f"{path}: categories[{i}]: 'id' must be an integer, got {c.get('id')!r}")
+        if "name" in c and not isinstance(c["name"], str):
+            raise DataError(f"{path}: categories[{i}] (id {c['id']}): 'name' must be a string, got {c['name']!r}")
         if c["id"] in seen:
             raise DataError(f"{path}: categories[{i}]: duplicate category id {c['id']}")
-        seen[c["id"]] = str(c.get("name", c["id"]))
+        seen[c["id"]] = c.get("name", str(c["id"]))
     ids = tuple(sorted(seen))
     return Categories(ids=ids, names=tuple(seen[i] for i in ids))
+
+
+def _check_image(json_path: Path, i: int, img) -> None:
+    if not isinstance(img, dict):
+        raise DataError(f"{json_path}: images[{i}]: must be an object, got {type(img).__name__}")
+    if not _is_int(img.get("id")):
+        raise DataError(f"{json_path}: images[{i}]: 'id' must be an integer, got {img.get('id')!r}")
+    where = f"{json_path}: image id {img['id']}"
+    name = img.get("file_name")
+    if not isinstance(name, str) or not name:
+        raise DataError(f"{where}: 'file_name' must be a non-empty string, got {name!r}")
+    for key in ("width", "height"):
+        if key in img and not (_is_int(img[key]) and img[key] > 0):
+            raise DataError(f"{where}: '{key}' must be a positive integer, got {img[key]!r}")
+
+
+def _check_annotation(where: str, ann) -> tuple[float, float, float, float]:
+    """The annotation's bbox (x, y, w, h) after its fields are type-checked."""
+    for key in ("image_id", "category_id"):
+        if not _is_int(ann.get(key)):
+            raise DataError(f"{where}: '{key}' must be an integer, got {ann.get(key)!r}")
+    bbox = ann.get("bbox")
+    if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
+        raise DataError(f"{where}: bbox must be [x, y, width, height] numbers, got {bbox!r}")
+    if not all(math.isfinite(v) for v in bbox):
+        raise DataError(f"{where}: bbox has a non-finite value: {bbox!r}")
+    if "iscrowd" in ann and ann["iscrowd"] not in (0, 1):
+        raise DataError(f"{where}: 'iscrowd' must be 0 or 1, got {ann['iscrowd']!r}")
+    x, y, w, h = (float(v) for v in bbox)
+    if w < 0 or h < 0:
+        raise DataError(f"{where}: bbox has negative width or height: {bbox!r}")
+    return x, y, w, h
 
 
 def load_coco_records(
@@ -104,15 +163,16 @@ def load_coco_records(
     """Read a COCO instances json into validated records.
 
     categories: the label mapping to use (from the labeled training json). When given, the
-        file's own categories must hold the same ids. When None, the file's own are used.
+        file's own categories must hold the same ids; a file without `categories` (an image-only
+        unlabeled json) is fine. When None, the file's own are used, and categories without any
+        box are reported.
     with_boxes: False for unlabeled data: annotations are ignored (hidden ground truth).
     """
     json_path = Path(json_path)
     data = read_json(json_path)
-    own = read_categories(json_path, data) if (with_boxes or "categories" in data) else None
+    has_cats = "categories" in data
+    own = read_categories(json_path, data) if has_cats or categories is None else None
     if categories is None:
-        if own is None:
-            raise DataError(f"{json_path}: no 'categories' list")
         categories = own
     elif own is not None and set(own.ids) != set(categories.ids):
         missing = sorted(set(categories.ids) ^ set(own.ids))[:5]
@@ -120,39 +180,55 @@ def load_coco_records(
 
     images: dict[int, dict] = {}
     for i, img in enumerate(data["images"]):
-        if not isinstance(img, dict) or not isinstance(img.get("id"), int) or "file_name" not in img:
-            raise DataError(f"{json_path}: images[{i}]: needs an integer 'id' and a 'file_name'")
+        _check_image(json_path, i, img)
         if img["id"] in images:
             raise DataError(f"{json_path}: images[{i}]: duplicate image id {img['id']}")
         images[img["id"]] = img
 
     per_image: dict[int, list[tuple[list[float], int]]] = {i: [] for i in images}
-    degenerate = []
+    degenerate, outside, ann_ids = [], [], set()
+    boxes_per_category = {cid: 0 for cid in categories.ids}
     if with_boxes:
         label_of = categories.label_of()
         for i, ann in enumerate(data.get("annotations", [])):
+            if not isinstance(ann, dict):
+                raise DataError(f"{json_path}: annotations[{i}]: must be an object, got {type(ann).__name__}")
             where = f"{json_path}: annotation id {ann.get('id', f'#{i}')}"
-            if ann.get("image_id") not in images:
-                raise DataError(f"{where}: image_id {ann.get('image_id')!r} is not in 'images'")
-            if ann.get("category_id") not in label_of:
-                raise DataError(f"{where}: category_id {ann.get('category_id')!r} is not in 'categories'")
-            bbox = ann.get("bbox")
-            if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
-                raise DataError(f"{where}: bbox must be [x, y, width, height], got {bbox!r}")
-            if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbox):
-                raise DataError(f"{where}: bbox has a non-finite value: {bbox!r}")
-            x, y, w, h = (float(v) for v in bbox)
-            if w < 0 or h < 0:
-                raise DataError(f"{where}: bbox has negative width or height: {bbox!r}")
+            if "id" in ann:
+                if not _is_int(ann["id"]):
+                    raise DataError(f"{json_path}: annotations[{i}]: 'id' must be an integer, got {ann['id']!r}")
+                if ann["id"] in ann_ids:
+                    raise DataError(f"{where}: duplicate annotation id")
+                ann_ids.add(ann["id"])
+            x, y, w, h = _check_annotation(where, ann)
+            if ann["image_id"] not in images:
+                raise DataError(f"{where}: image_id {ann['image_id']!r} is not in 'images'")
+            if ann["category_id"] not in label_of:
+                raise DataError(f"{where}: category_id {ann['category_id']!r} is not in 'categories'")
+            boxes_per_category[ann["category_id"]] += 1
             if ann.get("iscrowd", 0):
                 continue
             if w == 0 or h == 0:
                 degenerate.append(ann.get("id", i))
                 continue
+            img = images[ann["image_id"]]
+            iw, ih = img.get("width", 0), img.get("height", 0)
+            if iw and ih and (x >= iw or y >= ih or x + w <= 0 or y + h <= 0):
+                outside.append(ann.get("id", i))
+                continue
             per_image[ann["image_id"]].append(([x, y, x + w, y + h], label_of[ann["category_id"]]))
     if degenerate:
         log.warning("%s: %d zero-area boxes kept out of training targets (first: annotation id %s)",
                     json_path, len(degenerate), degenerate[0])
+    if outside:
+        log.warning("%s: %d boxes lie entirely outside their image, kept out of training targets "
+                    "(first: annotation id %s)", json_path, len(outside), outside[0])
+    if with_boxes and own is not None and categories is own:
+        empty = [f"{cid} {name!r}" for cid, name in zip(categories.ids, categories.names) if not boxes_per_category[cid]]
+        if empty:
+            log.warning("%s: %d of %d categories have no box in this file: %s%s (a placeholder category? it is "
+                        "trained as a class without examples)", json_path, len(empty), len(categories.ids),
+                        ", ".join(empty[:5]), " ..." if len(empty) > 5 else "")
 
     image_dir = Path(image_dir)
     records = []
@@ -161,7 +237,7 @@ def load_coco_records(
         path = image_dir / img["file_name"]
         if check_files and not path.is_file():
             raise DataError(f"{json_path}: image id {image_id}: image file not found: {path}")
-        w, h = int(img.get("width", 0)), int(img.get("height", 0))
+        w, h = img.get("width", 0), img.get("height", 0)
         anns = per_image[image_id]
         boxes = np.array([a[0] for a in anns], dtype=np.float32).reshape(-1, 4)
         if len(boxes) and w > 0 and h > 0:

@@ -52,7 +52,9 @@ def _build_pipeline(batch: int, device_id: int | None, seed: int, threads: int, 
             return fn.external_source(name=name, dtype=dtype)
 
         encoded = arg("encoded", types.UINT8)
-        image = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
+        # pixels as stored, EXIF orientation ignored, as PIL decodes them (data/coco.py: the json describes them)
+        image = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB,
+                                  adjust_orientation=False)
         image = fn.resize(image, size=arg("resized_hw"), antialias=True, interp_type=types.INTERP_LINEAR)
         image = fn.slice(image, start=arg("crop_start", types.INT32), shape=arg("crop_shape", types.INT32),
                          axis_names="HW")

@@ -23,15 +23,23 @@ from acrst_fast.safe_io import atomic_write, claim_dir
 
 _NAME = re.compile(r"^ckpt_(\d{8})\.pt$")
 # everything the trainer and train_ssmll write into a run folder (and their temporary files)
-_RUN_ENTRY = re.compile(r"^(config\.yaml|metrics\.jsonl|dataset_stats\.json|final_metrics\.json|last_good\.json|"
-                        r"tensorboard|report|ssmll|diverged|ssmll_teacher\.pt|ssmll_metrics\.json|"
-                        r"ckpt_\d{8}(\.rank\d+)?\.pt|\..+\.tmp\d+)$")
+_RUN_FILES = (r"config\.yaml|metrics\.jsonl|dataset_stats\.json|final_metrics\.json|last_good\.json|"
+              r"ssmll_teacher\.pt|ssmll_metrics\.json|ckpt_\d{8}(\.rank\d+)?\.pt")
+_RUN_ENTRY = re.compile(rf"^({_RUN_FILES}|tensorboard|report|ssmll|diverged|\.({_RUN_FILES})\.tmp\d+)$")
 
 
 def claim_run_dir(run_dir: str | Path, what: str = "run.output_dir") -> Path:
     """Create the run folder, or accept an existing one that holds only what runs write; anything
     else in it is an OutputError naming it (the engine never overwrites what it did not create)."""
     return claim_dir(run_dir, lambda name: _RUN_ENTRY.match(name) is not None, what)
+
+
+def remove_stale_temporaries(run_dir: str | Path) -> None:
+    """Delete the temporary files a killed run left in its run folder (`.NAME.tmpPID`, written by
+    safe_io.atomic_write for the run folder's own files: never complete, never read)."""
+    for p in Path(run_dir).iterdir():
+        if _RUN_ENTRY.match(p.name) and p.name.startswith(".") and p.is_file():
+            p.unlink(missing_ok=True)
 
 
 def checkpoint_path(run_dir: str | Path, step: int) -> Path:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import bisect
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -83,6 +84,8 @@ class MetricsWriter:
             return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the checkpoint of this step is written
         for k, v in scalars.items():
             if v is not None and math.isfinite(v):
                 self._tb.add_scalar(k, v, record["step"])

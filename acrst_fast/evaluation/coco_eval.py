@@ -18,7 +18,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from acrst_fast import dist
-from acrst_fast.data.coco import Categories
+from acrst_fast.data.coco import Categories, read_json
 from acrst_fast.data.loader import Batch
 from acrst_fast.data.transforms import boxes_to_original
 
@@ -120,12 +120,24 @@ def voc_ap50(gt: COCO, results: list[dict], categories: Categories) -> float:
     return float(np.mean(aps)) * 100 if aps else 0.0
 
 
+def ground_truth(val_json: str) -> COCO:
+    """pycocotools' COCO of a validated json, with the fields exports often leave out filled in:
+    `area` (box width x height) and `iscrowd` (0). pycocotools needs both."""
+    data = read_json(val_json)
+    anns = [dict(a, area=a.get("area", a["bbox"][2] * a["bbox"][3]), iscrowd=int(a.get("iscrowd", 0)))
+            for a in data.get("annotations", [])]
+    gt = COCO()
+    gt.dataset = dict(data, annotations=anns, categories=data.get("categories", []))
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt.createIndex()
+    return gt
+
+
 class Evaluator:
     """Scores a model on the validation split. Call on every rank; all get the same metrics."""
 
     def __init__(self, val_json: str, categories: Categories):
-        with contextlib.redirect_stdout(io.StringIO()):
-            self.gt = COCO(val_json)
+        self.gt = ground_truth(val_json)
         self.categories = categories
 
     def __call__(self, model: torch.nn.Module, batches: Iterable[Batch], device: torch.device) -> dict:
