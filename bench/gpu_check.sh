@@ -15,8 +15,8 @@
 #     (torchrun --nproc_per_node=1 with ACRST_DIST_FORCE=1: NCCL refuses CPU tensors)
 #   3 benches on CUDA, small repeats: crop_paste, ema, train_step (demo), pipeline (DALI vs fallback)
 #   4 probes (python below): box quantisation under bf16 autocast (expect 0.00 bf16-representable);
-#     CropBank duplicate-slot writes on CUDA (expect consistent); host-device syncs of one mutual step
-#     by source line (torch.cuda.set_sync_debug_mode)
+#     CropBank duplicate-slot writes on CUDA (expect consistent); bench/syncs.py: host-device syncs of
+#     one mutual step by source line (torch.cuda.set_sync_debug_mode; expect <= 8 in project code)
 #   5 train_step at per-rank paper scale (R50-FPN, 800 px, 4 + 4 images); Triton kernel at
 #     32x3x800x1333 (kernel-only time from the profiler vs the call)
 #   6 the whole test suite as a GPU box runs it (interpreter cases skipped, CUDA cases run)
@@ -326,7 +326,8 @@ if __name__ == "__main__":
             print(f"probe {name} FAILED:\n{traceback.format_exc()}", flush=True)
 PROBE_EOF
 TAIL=20 run probe_bf16_bank 90 "$PY" "$WORK/probe.py" bf16 bank
-TAIL=50 run probe_syncs 120 "$PY" "$WORK/probe.py" syncs
+TAIL=30 run syncs 150 "$PY" bench/syncs.py configs/demo.yaml 'model.backbone_weights=""' run.device=cuda \
+    acrst.fbr=true acrst.selective_supervision=true mean_teacher.tau_cls=0.0 model.box_detections_per_img=20
 
 # ---------- 5 paper scale, Triton at batch 32
 TAIL=16 run bench_train_step_paper_scale 150 "$PY" bench/train_step.py --steps 3 --warmup 1 configs/demo.yaml \

@@ -1,13 +1,14 @@
 """Benchmark: one mutual-learning step of ACRST, broken into its parts.
 
-    python bench/train_step.py [CONFIG] [--steps 10] [--warmup 3] [KEY=VALUE ...]
+    python bench/train_step.py [CONFIG] [--steps 10] [--warmup 3] [KEY=VALUE ...]   (any order)
 
 Builds the runner exactly as `python -m acrst_fast.train CONFIG` does (default configs/demo.yaml,
 with acrst.fbr=true and selective supervision; the demo data is generated if missing), trains
 past pre-training, then times STEPS mutual-learning steps with the device synchronised at every
 boundary. Prints the median milliseconds of each part and its share of the step:
 
-  data              next labeled and unlabeled batches
+  data wait         the time the step waits for its labeled and unlabeled batches (the data
+                    stage works ahead in DataLoader workers or DALI threads)
   teacher forward   teacher on the weak views (+ pseudo-label filtering)
   pseudo recall     PR update and pseudo-label class counts (ACRST)
   bank update       crops of the kept pseudo-labels into the CropBank (ACRST)
@@ -36,7 +37,7 @@ from acrst_fast.data.build import load_datasets, prepare_data, resolved_data
 from acrst_fast.train import build_runner
 
 REPO = Path(__file__).resolve().parents[1]
-PARTS = [("data", "data"), ("teacher forward", "teacher_only"), ("pseudo recall", "acrst_pr"),
+PARTS = [("data wait", "data"), ("teacher forward", "teacher_only"), ("pseudo recall", "acrst_pr"),
          ("bank update", "acrst_bank"), ("planning", "acrst_plan"), ("paste", "acrst_paste"),
          ("student fwd/bwd", "student"), ("EMA", "ema")]
 ACRST_PARTS = ("acrst_pr", "acrst_bank", "acrst_plan", "acrst_paste")
@@ -48,7 +49,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("overrides", nargs="*", help="dotted KEY=VALUE config overrides")
-    args = ap.parse_args()
+    args = ap.parse_intermixed_args()  # CONFIG --steps N KEY=VALUE, in any order
     total = args.warmup + args.steps + 2
     overrides = ["acrst.fbr=true", "acrst.selective_supervision=true", "solver.pretrain_steps=1",
                  f"solver.total_steps={total}", f"run.output_dir={tempfile.mkdtemp(prefix='bench_step_')}",

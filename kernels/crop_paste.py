@@ -15,13 +15,17 @@
   is written only if no later op of the same image covers it. Every pixel is written at most
   once, so the kernel moves exactly the bytes of the visible pasted pixels (plus crop reads).
 
-Grid: (P, tiles of the largest crop); a program handles a BLOCK_H x BLOCK_W tile of one op and
-masks out what lies beyond that op's crop. On CPU tensors it runs under TRITON_INTERPRET=1 (tests).
+Grid: one program per BLOCK_H x BLOCK_W tile that has work: the host lists, for every op, its
+tiles (a table of (op, tile) pairs uploaded with the op table in one copy), so a large paste
+beside small ones launches no empty programs. Strides and sizes are not specialised on, so padded
+batches of new sizes do not recompile the kernel. On CPU tensors it runs under TRITON_INTERPRET=1
+(tests).
 """
 from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -32,12 +36,22 @@ BLOCK_H, BLOCK_W = 16, 32
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-@triton.jit
-def _paste_kernel(img_ptr, bank_ptr, ops_ptr, end_ptr, hw_ptr,
-                  s_n, s_c, s_h, s_w, crop,
-                  C: tl.constexpr, OUT_UINT8: tl.constexpr, OUT_BF16: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
-    p = tl.program_id(0)
-    tile = tl.program_id(1)
+@triton.jit(do_not_specialize=["s_n", "s_c", "s_h", "s_w", "crop"])
+def _paste_kernel(img_ptr,    # *images: the batch written in place, Tensor[N, C, H, W] (any dense layout)
+                  bank_ptr,   # *uint8: the CropBank pixel store, Tensor[S, C, crop, crop], contiguous
+                  ops_ptr,    # *int64: the op table, Tensor[P, 7] (image, slot, x0, y0, h, w, flip)
+                  end_ptr,    # *int64: per op, the index past the last op of its image, Tensor[P]
+                  hw_ptr,     # *int64: each image's valid (h, w), Tensor[N, 2]
+                  prog_ptr,   # *int64: per program, (op, tile of that op), Tensor[T, 2]
+                  s_n, s_c, s_h, s_w,  # strides of images, in elements
+                  crop,       # side of a stored crop, in pixels
+                  C: tl.constexpr,          # channels
+                  OUT_UINT8: tl.constexpr,  # images are uint8 (round half up), else float (divide by 255)
+                  OUT_BF16: tl.constexpr,   # images are bfloat16 (round to nearest even by hand)
+                  BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):  # the tile a program pastes
+    prog = tl.program_id(0)
+    p = tl.load(prog_ptr + prog * 2)
+    tile = tl.load(prog_ptr + prog * 2 + 1)
     row = ops_ptr + p * 7
     n = tl.load(row + 0)
     slot = tl.load(row + 1)
@@ -122,37 +136,51 @@ def _check(images: torch.Tensor, image_hw: torch.Tensor, ops: torch.Tensor, bank
                          "which runs the reference on CPU)")
 
 
-def _group_ends(ops: torch.Tensor, n_images: int, n_slots: int, image_hw: torch.Tensor) -> torch.Tensor:
-    """Tensor[P] int32: for each op, the index past the last op of its image. Validates the table."""
+def _group_ends(ops: np.ndarray, n_images: int, n_slots: int, image_hw: np.ndarray, check: bool) -> np.ndarray:
+    """int64[P]: for each op, the index past the last op of its image. Validates the table when `check`."""
     img = ops[:, OP_IMAGE]
-    if ((img < 0) | (img >= n_images)).any():
-        raise ValueError(f"paste_pixels_triton: op {int(((img < 0) | (img >= n_images)).nonzero()[0])} names an image "
-                         f"outside 0..{n_images - 1}")
-    if (img[1:] < img[:-1]).any():
-        raise ValueError("paste_pixels_triton: ops must be grouped by image in increasing order")
-    bad = (ops[:, OP_SLOT] < 0) | (ops[:, OP_SLOT] >= n_slots) | (ops[:, OP_H] < 1) | (ops[:, OP_W] < 1)
-    if bad.any():
-        raise ValueError(f"paste_pixels_triton: op {int(bad.nonzero()[0])} has a slot outside 0..{n_slots - 1} "
-                         "or an empty crop")
-    if (image_hw < 1).any():
-        raise ValueError("paste_pixels_triton: image_hw must be positive")
-    counts = torch.bincount(img, minlength=n_images)
-    return torch.cumsum(counts, 0)[img].to(torch.int32)
+    if check:
+        outside = (img < 0) | (img >= n_images)
+        if outside.any():
+            raise ValueError(f"paste_pixels_triton: op {int(np.flatnonzero(outside)[0])} names an image "
+                             f"outside 0..{n_images - 1}")
+        if (img[1:] < img[:-1]).any():
+            raise ValueError("paste_pixels_triton: ops must be grouped by image in increasing order")
+        bad = (ops[:, OP_SLOT] < 0) | (ops[:, OP_SLOT] >= n_slots) | (ops[:, OP_H] < 1) | (ops[:, OP_W] < 1)
+        if bad.any():
+            raise ValueError(f"paste_pixels_triton: op {int(np.flatnonzero(bad)[0])} has a slot outside "
+                             f"0..{n_slots - 1} or an empty crop")
+        if (image_hw < 1).any():
+            raise ValueError("paste_pixels_triton: image_hw must be positive")
+    return np.cumsum(np.bincount(img, minlength=n_images))[img]
+
+
+def _host(t: torch.Tensor) -> np.ndarray:
+    return t.numpy() if t.device.type == "cpu" else t.cpu().numpy()  # training passes host tables
 
 
 def paste_pixels_triton(images: torch.Tensor, image_hw: torch.Tensor, ops: torch.Tensor,
-                        bank_pixels: torch.Tensor) -> torch.Tensor:
-    """Apply the op table to `images` in place (one kernel launch) and return them; see the module doc."""
-    _check(images, image_hw, ops, bank_pixels)
+                        bank_pixels: torch.Tensor, check: bool = True) -> torch.Tensor:
+    """Apply the op table to `images` in place (one kernel launch) and return them; see the module doc.
+
+    `check=False` (ACRST's hot path) skips validating the table: the planner built it."""
+    if check:
+        _check(images, image_hw, ops, bank_pixels)
     if len(ops) == 0:
         return images
-    ops_cpu = ops.cpu()
-    ends = _group_ends(ops_cpu, images.shape[0], bank_pixels.shape[0], image_hw.cpu())
-    tiles = int(((ops_cpu[:, OP_H] + BLOCK_H - 1) // BLOCK_H * ((ops_cpu[:, OP_W] + BLOCK_W - 1) // BLOCK_W)).max())
-    dev = images.device
+    ops_np = _host(ops).astype(np.int64).reshape(-1, 7)
+    hw_np = _host(image_hw).astype(np.int64).reshape(-1, 2)
+    ends = _group_ends(ops_np, images.shape[0], bank_pixels.shape[0], hw_np, check)
+    tiles = -(-ops_np[:, OP_H] // BLOCK_H) * -(-ops_np[:, OP_W] // BLOCK_W)  # ceil division
+    prog = np.stack([np.repeat(np.arange(len(ops_np)), tiles),
+                     np.arange(int(tiles.sum())) - np.repeat(np.cumsum(tiles) - tiles, tiles)], axis=1)
+    # one upload: the op table, the image ends, the sizes and the program table
+    table = torch.from_numpy(np.concatenate([ops_np.ravel(), ends, hw_np.ravel(), prog.ravel()])).to(images.device)
+    n_ops, n_img = len(ops_np), len(hw_np)
+    at = np.cumsum([0, 7 * n_ops, n_ops, 2 * n_img])
     s_n, s_c, s_h, s_w = images.stride()
-    _paste_kernel[(len(ops_cpu), tiles)](
-        images, bank_pixels, ops.to(dev, torch.int64).contiguous(), ends.to(dev), image_hw.to(dev, torch.int64).contiguous(),
+    _paste_kernel[(len(prog),)](
+        images, bank_pixels, table[at[0]:at[1]], table[at[1]:at[2]], table[at[2]:at[3]], table[at[3]:],
         s_n, s_c, s_h, s_w, bank_pixels.shape[2],
         C=images.shape[1], OUT_UINT8=images.dtype == torch.uint8,
         OUT_BF16=images.dtype == torch.bfloat16, BLOCK_H=BLOCK_H, BLOCK_W=BLOCK_W)

@@ -15,28 +15,30 @@ from acrst_fast import dist
 
 
 def class_histogram(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Boxes per class, Tensor[K] float64 (CPU), from labels Tensor[N] int64 in 1..K."""
-    return torch.bincount(labels.to("cpu", torch.int64) - 1, minlength=num_classes)[:num_classes].double()
+    """Boxes per class, Tensor[K] float64 on the labels' device, from labels Tensor[N] int64 in 1..K."""
+    return torch.bincount(labels.to(torch.int64) - 1, minlength=num_classes)[:num_classes].double()
 
 
 def sampling_probs(pseudo_recall: torch.Tensor, beta: float) -> torch.Tensor:
-    """mu (Tensor[K] float64, sums to 1) from PR (Tensor[K] >= 0)."""
-    pr = pseudo_recall.detach().to(torch.float64).cpu()
-    if beta == 0 or not (pr > 0).any():
-        return torch.full_like(pr, 1.0 / len(pr))
-    floor = pr[pr > 0].min()
+    """mu (Tensor[K] float64, sums to 1, on PR's device) from PR (Tensor[K] >= 0); no host read."""
+    pr = pseudo_recall.detach().to(torch.float64)
+    uniform = torch.full_like(pr, 1.0 / len(pr))
+    if beta == 0:
+        return uniform
+    positive = pr > 0
+    floor = torch.where(positive, pr, torch.full_like(pr, float("inf"))).min()
     w = pr.clamp(min=floor).pow(-beta)
-    return w / w.sum()
+    return torch.where(positive.any(), w / w.sum(), uniform)
 
 
 class PseudoRecall:
-    """Windowed, all-reduced Pseudo Recall per class (labels 1..K)."""
+    """Windowed, all-reduced Pseudo Recall per class (labels 1..K), kept on `device`."""
 
-    def __init__(self, num_classes: int, window: int, threshold: float = 0.1):
+    def __init__(self, num_classes: int, window: int, threshold: float = 0.1, device: torch.device | str = "cpu"):
         if window < 1:
             raise ValueError(f"PseudoRecall window must be >= 1, got {window}")
         self.num_classes, self.window, self.threshold = num_classes, window, threshold
-        self.history = torch.zeros((window, num_classes), dtype=torch.float64)
+        self.history = torch.zeros((window, num_classes), dtype=torch.float64, device=device)
         self.steps = 0
 
     def update(self, predictions: list[dict[str, torch.Tensor]]) -> torch.Tensor:
@@ -50,28 +52,30 @@ class PseudoRecall:
         return step_sum
 
     def local_sums(self, predictions: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-        """This rank's per-class confidence sums of one step, Tensor[K] float64 (CPU); not reduced."""
-        step_sum = torch.zeros(self.num_classes, dtype=torch.float64)
-        for p in predictions:
-            keep = p["scores"] >= self.threshold
-            if keep.any():
-                step_sum.index_add_(0, (p["labels"][keep] - 1).cpu(), p["scores"][keep].detach().double().cpu())
+        """This rank's per-class confidence sums of one step, Tensor[K] float64 on the window's device;
+        computed on the device in one pass over the batch (no host read)."""
+        step_sum = torch.zeros(self.num_classes, dtype=torch.float64, device=self.history.device)
+        if predictions:
+            scores = torch.cat([p["scores"].detach().reshape(-1) for p in predictions]).to(step_sum.device)
+            labels = torch.cat([p["labels"].reshape(-1) for p in predictions]).to(step_sum.device, torch.int64)
+            weight = torch.where(scores >= self.threshold, scores.double(), torch.zeros_like(scores, dtype=torch.float64))
+            step_sum.index_add_(0, (labels - 1).clamp(0, self.num_classes - 1), weight)
         return step_sum
 
     def push(self, step_sum: torch.Tensor) -> None:
         """Add one step's all-reduced sums (Tensor[K]) to the window."""
-        self.history[self.steps % self.window] = step_sum
+        self.history[self.steps % self.window] = step_sum.to(self.history.device)
         self.steps += 1
 
     def value(self) -> torch.Tensor:
-        """PR over the window, Tensor[K] float64."""
+        """PR over the window, Tensor[K] float64 (on the window's device)."""
         return self.history.sum(0)
 
     def probs(self, beta: float) -> torch.Tensor:
         return sampling_probs(self.value(), beta)
 
     def state_dict(self) -> dict:
-        return {"history": self.history.clone(), "steps": self.steps}
+        return {"history": self.history.cpu().clone(), "steps": self.steps}
 
     def load_state_dict(self, state: dict) -> None:
         self.history.copy_(state["history"])

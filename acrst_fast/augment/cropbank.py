@@ -14,9 +14,11 @@ Boxes are (x1, y1, x2, y2) in pixels of the image they are cropped from; labels 
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torchvision.ops import roi_align
 
+from acrst_fast.augment.host import to_host
 from acrst_fast.augment.pixels import stack_padded
 
 LABELED, PSEUDO = 0, 1
@@ -34,7 +36,11 @@ class CropBank:
         self.size_hw = torch.zeros((n, 2), dtype=torch.float32, device=device)  # box height, width in pixels
         self.score = torch.zeros(n, dtype=torch.float32, device=device)
         self.valid = torch.zeros(n, dtype=torch.bool, device=device)
-        self.seen = torch.zeros((2, num_classes), dtype=torch.int64)  # offered so far, per (source, class)
+        # host mirrors of what slot assignment and planning read, so neither waits for the device
+        self.seen = np.zeros((2, num_classes), dtype=np.int64)  # offered so far, per (source, class)
+        self._valid_host = np.zeros(n, dtype=bool)
+        self._size_host = np.zeros((n, 2), dtype=np.float32)
+        self._class_of_slot = np.tile(np.repeat(np.arange(1, num_classes + 1), capacity), 2)
 
     @property
     def device(self) -> torch.device:
@@ -49,52 +55,75 @@ class CropBank:
 
     def fill(self) -> torch.Tensor:
         """Tensor[2, K] int64: stored crops per (source, class)."""
-        return self.valid.view(2, self.num_classes, self.capacity).sum(-1).cpu()
+        return torch.from_numpy(self._valid_host.reshape(2, self.num_classes, self.capacity).sum(-1))
 
     def classes(self) -> torch.Tensor:
         """Tensor[2 * K * capacity] int64: the class (1..K) each slot belongs to."""
-        return torch.arange(self.num_classes, device=self.device).repeat_interleave(self.capacity).repeat(2) + 1
+        return torch.from_numpy(self._class_of_slot).to(self.device)
 
     def add(self, source: int, images: list[torch.Tensor], boxes: list[torch.Tensor], labels: list[torch.Tensor],
             scores: list[torch.Tensor] | None = None, generator: torch.Generator | None = None) -> int:
         """Crop `boxes` out of `images` (Tensor[3, H, W] float in [0, 1]) into the `source` sub-bank.
 
-        Returns how many crops were stored. Boxes narrower or shorter than 2 pixels are skipped.
+        Returns how many offers were taken. Boxes narrower or shorter than 2 pixels are skipped.
+        One host read for the whole batch (labels and boxes, for slot assignment), one roi_align
+        and one scatter: no per-box work on the device.
         """
-        slots, crops_from, keep_boxes, sizes, kept_scores = [], [], [], [], []
-        for i, (b, lab) in enumerate(zip(boxes, labels)):
-            if len(b) == 0:
-                continue
-            wh = b[:, 2:] - b[:, :2]
-            ok = (wh >= 2).all(dim=1)
-            sc = scores[i] if scores is not None else torch.ones(len(b), device=b.device)
-            for box, k, s in zip(b[ok], lab[ok].tolist(), sc[ok]):
-                slot = self._take_slot(source, int(k), generator)
-                if slot is None:
-                    continue
-                slots.append(slot)
-                crops_from.append(i)
-                keep_boxes.append(box)
-                sizes.append(torch.stack([box[3] - box[1], box[2] - box[0]]))
-                kept_scores.append(s)
+        sizes = [len(b) for b in boxes]
+        if sum(sizes) == 0:
+            return 0
+        dev = self.device
+        all_boxes = torch.cat([b.reshape(-1, 4) for b in boxes]).to(dev, torch.float32)
+        all_labels = torch.cat([lab.reshape(-1) for lab in labels])
+        hb, hl = to_host(all_boxes, all_labels)  # the one read
+        image_of = np.repeat(np.arange(len(sizes)), sizes)
+        ok = ((hb[:, 2:] - hb[:, :2]) >= 2).all(axis=1)
+        offers, slots = self._take_slots(source, np.flatnonzero(ok), hl.astype(np.int64), generator)
         if not slots:
             return 0
-        offered = len(slots)
+        taken = len(slots)
         # a later offer to the same slot in this call wins, as if the offers were made one by one;
         # duplicates are resolved here, because index_put_ with repeated indices is undefined on CUDA
         last = sorted({slot: j for j, slot in enumerate(slots)}.values())
-        slots, crops_from = [slots[j] for j in last], [crops_from[j] for j in last]
-        keep_boxes, sizes, kept_scores = ([xs[j] for j in last] for xs in (keep_boxes, sizes, kept_scores))
-        rois = torch.cat([torch.tensor(crops_from, dtype=torch.float32, device=self.device)[:, None],
-                          torch.stack(keep_boxes).float().to(self.device)], dim=1)
-        batch, _ = stack_padded([im.to(self.device, torch.float32) for im in images])
-        crops = roi_align(batch, rois, output_size=self.crop_size, spatial_scale=1.0, sampling_ratio=2, aligned=True)
-        idx = torch.tensor(slots, device=self.device)
+        offers, slots = np.asarray([offers[j] for j in last]), np.asarray([slots[j] for j in last])
+        rois = torch.from_numpy(np.concatenate([image_of[offers, None], hb[offers]], axis=1).astype(np.float32))
+        batch, _ = stack_padded([im.to(dev, torch.float32) for im in images])
+        crops = roi_align(batch, rois.to(dev), output_size=self.crop_size, spatial_scale=1.0, sampling_ratio=2,
+                          aligned=True)
+        box_hw = np.stack([hb[offers, 3] - hb[offers, 1], hb[offers, 2] - hb[offers, 0]], axis=1).astype(np.float32)
+        idx = torch.from_numpy(slots).to(dev)
         self.pixels[idx] = (crops.clamp(0, 1) * 255).round().to(torch.uint8)
-        self.size_hw[idx] = torch.stack(sizes).float().to(self.device)
-        self.score[idx] = torch.stack(kept_scores).float().to(self.device)
+        self.size_hw[idx] = torch.from_numpy(box_hw).to(dev)
+        if scores is not None:
+            self.score[idx] = torch.cat([sc.reshape(-1) for sc in scores]).to(dev, torch.float32)[
+                torch.from_numpy(offers).to(dev)]
+        else:
+            self.score[idx] = 1.0
         self.valid[idx] = True
-        return offered
+        self._valid_host[slots] = True
+        self._size_host[slots] = box_hw
+        return taken
+
+    def _take_slots(self, source: int, offered: np.ndarray, labels: np.ndarray,
+                    generator: torch.Generator | None) -> tuple[list[int], list[int]]:
+        """Slots for the offers `offered` (indices into `labels`), as if offered one by one: (offers
+        kept, their slots). Vectorised unless the Labeled reservoir must draw (past capacity)."""
+        lab = labels[offered]
+        bad = (lab < 1) | (lab > self.num_classes)
+        if bad.any():
+            raise ValueError(f"CropBank.add: label {int(lab[bad][0])} is outside 1..{self.num_classes}")
+        order = np.argsort(lab, kind="stable")
+        sorted_lab = lab[order]
+        rank = np.empty(len(lab), dtype=np.int64)
+        rank[order] = np.arange(len(lab)) - np.searchsorted(sorted_lab, sorted_lab, side="left")
+        seen_before = self.seen[source, lab - 1] + rank  # this offer's count of earlier offers of its class
+        if source == LABELED and (seen_before >= self.capacity).any():  # reservoir draws: one by one
+            kept = [(int(i), slot) for i in offered
+                    if (slot := self._take_slot(source, int(labels[i]), generator)) is not None]
+            return [i for i, _ in kept], [slot for _, slot in kept]
+        np.add.at(self.seen[source], lab - 1, 1)
+        base = (source * self.num_classes + (lab - 1)) * self.capacity
+        return offered.tolist(), (base + seen_before % self.capacity).tolist()
 
     def _take_slot(self, source: int, label: int, generator: torch.Generator | None) -> int | None:
         if not 1 <= label <= self.num_classes:
@@ -106,26 +135,32 @@ class CropBank:
             return base + seen
         if source == PSEUDO:  # ring: replace the oldest
             return base + seen % self.capacity
-        j = int(torch.randint(seen + 1, (), generator=generator))  # reservoir (Algorithm R)
+        j = int(torch.randint(seen + 1, (), generator=generator))  # reservoir (Algorithm R), a host draw
         return base + j if j < self.capacity else None
+
+    def entries_host(self, sources: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Valid crops of the given sub-banks, from the host mirrors: (slot indices int64[E], classes
+        int64[E] 1..K, size_hw float32[E, 2]), in slot order."""
+        per_source = self.num_classes * self.capacity
+        mask = np.zeros_like(self._valid_host)
+        for s in sources:
+            mask[s * per_source:(s + 1) * per_source] = True
+        idx = np.flatnonzero(self._valid_host & mask)
+        return idx.astype(np.int64), self._class_of_slot[idx].astype(np.int64), self._size_host[idx]
 
     def entries(self, sources: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Valid crops of the given sub-banks: (slot indices Tensor[E], classes Tensor[E] 1..K, size_hw Tensor[E, 2])."""
-        mask = torch.zeros_like(self.valid)
-        per_source = self.num_classes * self.capacity
-        for s in sources:
-            mask[s * per_source:(s + 1) * per_source] = True
-        idx = torch.nonzero(self.valid & mask).flatten()
-        return idx, self.classes()[idx], self.size_hw[idx]
+        return tuple(torch.from_numpy(a) for a in self.entries_host(sources))
 
     def labeled_part(self) -> dict:
         """This rank's Labeled sub-bank, CPU tensors: per class (1..K) the stored crops in slot order
         (`pixels` uint8[E, 3, S, S], `size_hw` float32[E, 2], `score` float32[E], `label` int64[E])
         and `seen` int64[K], the ground truths offered."""
         per = self.num_classes * self.capacity
-        idx = torch.nonzero(self.valid[:per]).flatten()
-        return {"pixels": self.pixels[idx].cpu(), "size_hw": self.size_hw[idx].cpu(), "score": self.score[idx].cpu(),
-                "label": (idx // self.capacity + 1).cpu(), "seen": self.seen[LABELED].clone()}
+        idx = torch.from_numpy(np.flatnonzero(self._valid_host[:per]))
+        return {"pixels": self.pixels[idx.to(self.device)].cpu(), "size_hw": self.size_hw[idx.to(self.device)].cpu(),
+                "score": self.score[idx.to(self.device)].cpu(), "label": idx // self.capacity + 1,
+                "seen": torch.from_numpy(self.seen[LABELED].copy())}
 
     def set_labeled(self, parts: list[dict], generator: torch.Generator) -> None:
         """Replace the Labeled sub-bank by the union of every rank's `labeled_part()` (rank order).
@@ -136,6 +171,7 @@ class CropBank:
         passes the same parts and an identically seeded generator and so holds the same bank."""
         per = self.num_classes * self.capacity
         self.valid[:per] = False
+        self._valid_host[:per] = False
         for k in range(1, self.num_classes + 1):
             chosen, weights = [], []
             for part in parts:
@@ -152,11 +188,13 @@ class CropBank:
                 for name in ("pixels", "size_hw", "score"):
                     getattr(self, name)[idx] = torch.stack([p[name][j] for p, j in chosen]).to(self.device)
                 self.valid[idx] = True
-        self.seen[LABELED] = torch.stack([p["seen"] for p in parts]).sum(0)
+                self._valid_host[base:base + len(chosen)] = True
+                self._size_host[base:base + len(chosen)] = torch.stack([p["size_hw"][j] for p, j in chosen]).numpy()
+        self.seen[LABELED] = torch.stack([p["seen"] for p in parts]).sum(0).numpy()
 
     def state_dict(self) -> dict:
         return {"pixels": self.pixels.cpu(), "size_hw": self.size_hw.cpu(), "score": self.score.cpu(),
-                "valid": self.valid.cpu(), "seen": self.seen.clone(),
+                "valid": self.valid.cpu(), "seen": torch.from_numpy(self.seen.copy()),
                 "shape": (self.num_classes, self.capacity, self.crop_size)}
 
     def load_state_dict(self, state: dict) -> None:
@@ -165,5 +203,6 @@ class CropBank:
                              f"this bank is {(self.num_classes, self.capacity, self.crop_size)}")
         for name in ("pixels", "size_hw", "score", "valid"):
             getattr(self, name).copy_(state[name])
-        self.seen.copy_(state["seen"])
-
+        self.seen[:] = np.asarray(state["seen"])
+        self._valid_host[:] = np.asarray(state["valid"].cpu())
+        self._size_host[:] = np.asarray(state["size_hw"].cpu())

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from acrst_fast.augment.host import mark_host
+
 # columns of the op table, Tensor[P, 7] int64
 OP_IMAGE, OP_SLOT, OP_X0, OP_Y0, OP_H, OP_W, OP_FLIP = range(7)
 
@@ -104,7 +106,7 @@ def draw_uniforms(n_images: int, cfg: PasteConfig, generator: torch.Generator) -
     The reference and the C++ planner turn the same draws into the same plan."""
     counts = torch.randint(cfg.n_min, cfg.n_max + 1, (n_images,), generator=generator)
     uniforms = torch.rand((n_images, cfg.n_max, 6), generator=generator, dtype=torch.float64)
-    return counts, uniforms
+    return mark_host(counts), mark_host(uniforms)
 
 
 def _pick(u: float, n: int) -> int:

@@ -11,26 +11,29 @@ import numpy as np
 import torch
 
 from acrst_fast import _ext
+from acrst_fast.augment.host import mark_host, to_host
 from acrst_fast.augment.paste import PasteConfig, PastePlan, draw_uniforms, merge_pastes_ref, plan_paste_ref
 
 
-def _image_inputs(image_hw, boxes, labels) -> tuple[np.ndarray, ...]:
+def _image_inputs(image_hw, boxes, labels, *more: torch.Tensor) -> tuple[np.ndarray, ...]:
+    """The planner's per-image inputs as NumPy (hw int64[N, 2], boxes float32[M, 4], labels int64[M],
+    counts int64[N]), then `more` as float64 NumPy: all device-side values in one host read."""
     if not (len(image_hw) == len(boxes) == len(labels)):
         raise ValueError(f"plan_paste: {len(image_hw)} image sizes, {len(boxes)} box tensors and {len(labels)} "
                          "label tensors; they must match")
     hw = np.asarray([[int(h), int(w)] for h, w in image_hw], dtype=np.int64).reshape(-1, 2)
-    cpu = [b.detach().to("cpu", torch.float32).reshape(-1, 4) for b in boxes]
-    flat = torch.cat(cpu).numpy() if cpu else np.zeros((0, 4), np.float32)
-    lab = torch.cat([t.detach().to("cpu", torch.int64).reshape(-1) for t in labels]).numpy() if labels \
-        else np.zeros(0, np.int64)
-    counts = np.asarray([len(b) for b in cpu], dtype=np.int64)
-    return hw, flat, lab, counts
+    read = to_host(*boxes, *labels, *more)  # one read for everything on the device
+    n = len(boxes)
+    flat = np.concatenate([r.reshape(-1, 4) for r in read[:n]]).astype(np.float32) if n else np.zeros((0, 4), np.float32)
+    lab = np.concatenate([r.reshape(-1) for r in read[n:2 * n]]).astype(np.int64) if n else np.zeros(0, np.int64)
+    counts = np.asarray([r.size // 4 for r in read[:n]], dtype=np.int64)
+    return (hw, flat.reshape(-1, 4), lab, counts, *read[2 * n:])
 
 
 def _to_plan(out: tuple) -> PastePlan:
     ops, boxes, labels, pasted, counts = out
     sizes = counts.tolist()
-    return PastePlan(torch.from_numpy(ops), list(torch.from_numpy(boxes).split(sizes)),
+    return PastePlan(mark_host(torch.from_numpy(ops)), list(torch.from_numpy(boxes).split(sizes)),
                      list(torch.from_numpy(labels).split(sizes)), list(torch.from_numpy(pasted).split(sizes)))
 
 
@@ -49,12 +52,13 @@ def plan_paste(image_hw: list[tuple[int, int]], boxes: list[torch.Tensor], label
         _ext.warn_fallback()
         return plan_paste_ref(image_hw, boxes, labels, bank_slots, bank_classes, bank_size_hw, class_probs, cfg,
                               draws=draws)
-    hw, flat, lab, counts = _image_inputs(image_hw, boxes, labels)
-    cpu = torch.device("cpu")
+    bank = [mark_host(torch.from_numpy(x)) if isinstance(x, np.ndarray) else x  # host arrays: no read
+            for x in (bank_slots, bank_classes, bank_size_hw)]
+    hw, flat, lab, counts, slots, classes, size_hw, probs, n_draw, uniforms = _image_inputs(
+        image_hw, boxes, labels, *bank, torch.as_tensor(class_probs), *draws)
     out = _ext._C.plan_paste(
-        hw, flat, lab, counts, bank_slots.to(cpu, torch.int64).numpy(), bank_classes.to(cpu, torch.int64).numpy(),
-        bank_size_hw.to(cpu, torch.float32).numpy(), class_probs.to(cpu, torch.float64).numpy(),
-        draws[0].to(cpu, torch.int64).numpy(), draws[1].to(cpu, torch.float64).numpy(),
+        hw, flat, lab, counts, slots.astype(np.int64), classes.astype(np.int64), size_hw.astype(np.float32),
+        probs.astype(np.float64), n_draw.astype(np.int64), uniforms.astype(np.float64),
         cfg.scale_min, cfg.scale_max, cfg.flip_prob, cfg.min_size, cfg.visibility_threshold)
     return _to_plan(out)
 
@@ -67,7 +71,8 @@ def merge_pastes(image_hw: list[tuple[int, int]], boxes: list[torch.Tensor], lab
     if not _ext.HAS_EXT:
         _ext.warn_fallback()
         return merge_pastes_ref(image_hw, boxes, labels, ops, op_labels, min_size, visibility_threshold)
-    hw, flat, lab, counts = _image_inputs(image_hw, boxes, labels)
-    out = _ext._C.merge_pastes(hw, flat, lab, counts, ops.to("cpu", torch.int64).reshape(-1, 7).numpy(),
-                               op_labels.to("cpu", torch.int64).reshape(-1).numpy(), min_size, visibility_threshold)
+    hw, flat, lab, counts, ops_np, op_labels_np = _image_inputs(image_hw, boxes, labels, ops, op_labels)
+    out = _ext._C.merge_pastes(hw, flat, lab, counts, ops_np.reshape(-1, 7).astype(np.int64),
+                               op_labels_np.reshape(-1).astype(np.int64),
+                               min_size, visibility_threshold)
     return _to_plan(out)

@@ -12,13 +12,15 @@ bank: selective supervision trains regression on unlabeled images only on those.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from acrst_fast import dist
 from acrst_fast.timing import clock
 from acrst_fast.augment.affr import PseudoRecall, class_histogram, sampling_probs
 from acrst_fast.augment.cropbank import LABELED, PSEUDO, SOURCES, CropBank
-from acrst_fast.augment.paste import PasteConfig, PastePlan
+from acrst_fast.augment.host import mark_host, to_host
+from acrst_fast.augment.paste import PasteConfig, PastePlan, draw_uniforms
 from acrst_fast.augment.pixels import paste_pixels
 from acrst_fast.augment.planner import plan_paste
 
@@ -37,9 +39,11 @@ class ACRST:
             raise ValueError(f"ACRST needs 0 <= n_min <= n_max, got [{self.paste_cfg.n_min}, {self.paste_cfg.n_max}]")
         self.sources = tuple(SOURCES[s] for s in sources)
         self.bank = CropBank(num_classes, capacity, crop_size, device)
-        self.recall = PseudoRecall(num_classes, pr_window, pr_threshold)
-        self.pl_counts = torch.zeros((pr_window, num_classes), dtype=torch.float64)  # kept pseudo-labels per class
+        self.recall = PseudoRecall(num_classes, pr_window, pr_threshold, device)
+        # kept pseudo-labels per class and step, on the device like PR
+        self.pl_counts = torch.zeros((pr_window, num_classes), dtype=torch.float64, device=device)
         self.last_pasted_per_image = 0.0
+        self.pasted_per_image: list[float] = []  # of each batch of the last `rebalance_many`
         # seconds spent per part (pr, bank, plan, paste) since the last `pop_seconds()`; with
         # `sync_timing` the device is synchronised around each part (benchmarks), else it is not
         self.sync_timing = False
@@ -73,28 +77,29 @@ class ACRST:
     def observe_teacher(self, weak_images: list[torch.Tensor], predictions: list[dict], pseudo_labels: list[dict],
                         generator: torch.Generator | None = None) -> None:
         """Update Pseudo Recall from all teacher predictions (score >= threshold) and put the kept
-        pseudo-labels into the Pseudo bank. Collective when distributed (all-reduces PR and the
-        pseudo-label class counts)."""
+        pseudo-labels into the Pseudo bank. Collective when distributed: one all-reduce of PR and
+        the pseudo-label class counts together, on the device. One host read (the bank's slots)."""
         t0 = self._clock()
         step = self.recall.steps
-        counts = class_histogram(torch.cat([p["labels"] for p in pseudo_labels]), self.num_classes) \
-            if pseudo_labels else torch.zeros(self.num_classes, dtype=torch.float64)
-        # one collective a step: PR sums and pseudo-label counts together (CPU tensor: the gloo group)
+        labels = [p["labels"].reshape(-1) for p in pseudo_labels]
+        counts = class_histogram(torch.cat(labels).to(self.bank.device), self.num_classes) if labels \
+            else torch.zeros(self.num_classes, dtype=torch.float64, device=self.bank.device)
+        # one collective a step: PR sums and pseudo-label counts together (on the device; gloo for CPU)
         both = dist.all_reduce_sum_tensor(torch.cat([self.recall.local_sums(predictions), counts]))
         self.recall.push(both[:self.num_classes])
         self.pl_counts[step % len(self.pl_counts)] = both[self.num_classes:]  # global, like PR
         t0 = self._add_time("pr", t0)
-        self.bank.add(PSEUDO, weak_images, [p["boxes"] for p in pseudo_labels], [p["labels"] for p in pseudo_labels],
+        self.bank.add(PSEUDO, weak_images, [p["boxes"] for p in pseudo_labels], labels,
                       [p["scores"] for p in pseudo_labels], generator)
         self._add_time("bank", t0)
 
     def class_probs(self) -> torch.Tensor:
-        """mu, Tensor[K] float64 (Eq. 9)."""
+        """mu, Tensor[K] float64 on the device (Eq. 9)."""
         return sampling_probs(self.recall.value(), self.beta)
 
     def plan(self, image_hw: list[tuple[int, int]], boxes: list[torch.Tensor], labels: list[torch.Tensor],
              generator: torch.Generator) -> PastePlan:
-        slots, classes, size_hw = self.bank.entries(self.sources)
+        slots, classes, size_hw = self.bank.entries_host(self.sources)
         return plan_paste(image_hw, boxes, labels, slots, classes, size_hw, self.class_probs(), self.paste_cfg,
                           generator)
 
@@ -106,33 +111,83 @@ class ACRST:
         Use the returned images: on CPU they are the inputs, pasted in place; on CUDA, views of
         one batch the Triton kernel pasted in a single launch (see `paste_pixels`).
         """
+        return self.rebalance_many([(images, boxes, labels, generator)])[0]
+
+    def rebalance_many(self, batches: list[tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor],
+                                                 torch.Generator]]) -> list[tuple]:
+        """`rebalance` of several batches (labeled and unlabeled images of a step) together: one host
+        read for all their boxes, labels and mu, each batch planned with its own generator, and on
+        CUDA one kernel launch for all their images. Returns one `rebalance` result per batch."""
         t0 = self._clock()
-        plan = self.plan([tuple(im.shape[1:]) for im in images], boxes, labels, generator)
+        slots, classes, size_hw = self.bank.entries_host(self.sources)
+        images = [im for b in batches for im in b[0]]
+        draws = [draw_uniforms(len(b[0]), self.paste_cfg, b[3]) for b in batches]
+        # one host read: mu and every box/label tensor on the device (planner inputs already on the host stay)
+        sizes = [len(b[1]) for b in batches]
+        read = to_host(self.class_probs(), *[t for b in batches for t in b[1]], *[t for b in batches for t in b[2]])
+        mu, flat = read[0], read[1:]
+        n_img = sum(sizes)
+        plans, at = [], 0
+        for (ims, _, _, _), n, d in zip(batches, sizes, draws):
+            host_boxes = [mark_host(torch.from_numpy(a.reshape(-1, 4).astype(np.float32))) for a in flat[at:at + n]]
+            host_labels = [mark_host(torch.from_numpy(a.reshape(-1).astype(np.int64)))
+                           for a in flat[n_img + at:n_img + at + n]]
+            plans.append(plan_paste([tuple(im.shape[1:]) for im in ims], host_boxes, host_labels, slots, classes,
+                                    size_hw, mark_host(torch.from_numpy(mu)), self.paste_cfg, draws=d))
+            at += n
         t0 = self._add_time("plan", t0)
-        images = paste_pixels(images, plan.ops, self.bank.pixels)  # the op table stays on the host
+        offsets = np.cumsum([0] + [len(b[0]) for b in batches])
+        ops = mark_host(torch.cat([p.ops + torch.tensor([int(o), 0, 0, 0, 0, 0, 0])
+                                   for p, o in zip(plans, offsets[:-1])]))  # the op table: host data
+        pasted_images = paste_pixels(images, ops, self.bank.pixels)  # the op table stays on the host
         self._add_time("paste", t0)
-        self.last_pasted_per_image = len(plan.ops) / max(1, len(images))
+        # the plans' boxes, labels and pasted flags go to the device in one upload
         dev = images[0].device if images else torch.device("cpu")
-        return (images, [b.to(dev) for b in plan.boxes], [lab.to(dev) for lab in plan.labels],
-                [p.to(dev) for p in plan.pasted])
+        per_image = [len(b) for p in plans for b in p.boxes]
+        up = torch.cat([torch.cat(p.boxes).reshape(-1).float() for p in plans] +
+                       [torch.cat(p.labels).reshape(-1).float() for p in plans] +  # class ids: exact in float32
+                       [torch.cat(p.pasted).reshape(-1).float() for p in plans]).to(dev)
+        n_box = sum(per_image)
+        boxes = up[:4 * n_box].reshape(-1, 4).split(per_image)
+        labels = up[4 * n_box:5 * n_box].long().split(per_image)
+        pasted = (up[5 * n_box:] > 0).split(per_image)
+        out, self.pasted_per_image, at = [], [], 0
+        for (ims, _, _, _), plan, o in zip(batches, plans, offsets[:-1]):
+            n = len(ims)
+            self.last_pasted_per_image = len(plan.ops) / max(1, n)
+            self.pasted_per_image.append(self.last_pasted_per_image)
+            out.append((pasted_images[o:o + n], list(boxes[at:at + n]), list(labels[at:at + n]),
+                        list(pasted[at:at + n])))
+            at += n
+        return out
 
     def diagnostics(self, gt_class_counts: torch.Tensor | None = None) -> dict[str, torch.Tensor | float]:
         """Per-class PR, mu, bank fill, pseudo-label class histogram (window), and its KL divergence
-        from the ground-truth class histogram when given (paper Fig. 4b)."""
-        pl = self.pl_counts.sum(0)
-        fill = self.bank.fill().double()
-        out: dict[str, torch.Tensor | float] = {
-            "pr": self.recall.value(), "mu": self.class_probs(),
-            "bank_labeled": fill[LABELED], "bank_pseudo": fill[PSEUDO],
-            "pl_hist": pl / pl.sum() if pl.sum() > 0 else pl,
-            "pasted_per_image": self.last_pasted_per_image,
-        }
-        if gt_class_counts is not None and pl.sum() > 0:
-            out["kl_gt_pl"] = kl_divergence(gt_class_counts.double(), pl)
-        return out
+        from the ground-truth class histogram when given (paper Fig. 4b). Reads the device."""
+        tensors, finish = self.diagnostics_deferred(gt_class_counts)
+        return finish([t.cpu() for t in tensors])
+
+    def diagnostics_deferred(self, gt_class_counts: torch.Tensor | None = None):
+        """`diagnostics` without reading the device now: (device tensors snapshotted now, finish), where
+        finish(the same tensors on the host, as tensors or arrays) returns the diagnostics dict."""
+        fill = self.bank.fill().double()  # host mirror
+        pasted = self.last_pasted_per_image
+        tensors = (self.recall.value(), self.class_probs(), self.pl_counts.sum(0))
+
+        def finish(host) -> dict[str, torch.Tensor | float]:
+            pr, mu, pl = (torch.as_tensor(h, dtype=torch.float64) for h in host)
+            out: dict[str, torch.Tensor | float] = {
+                "pr": pr, "mu": mu, "bank_labeled": fill[LABELED], "bank_pseudo": fill[PSEUDO],
+                "pl_hist": pl / pl.sum() if pl.sum() > 0 else pl, "pasted_per_image": pasted,
+            }
+            if gt_class_counts is not None and pl.sum() > 0:
+                out["kl_gt_pl"] = kl_divergence(gt_class_counts.double().cpu(), pl)
+            return out
+
+        return tensors, finish
 
     def state_dict(self) -> dict:
-        return {"bank": self.bank.state_dict(), "recall": self.recall.state_dict(), "pl_counts": self.pl_counts.clone()}
+        return {"bank": self.bank.state_dict(), "recall": self.recall.state_dict(), "pl_counts": self.pl_counts.cpu().clone()}
 
     def load_state_dict(self, state: dict) -> None:
         self.bank.load_state_dict(state["bank"])

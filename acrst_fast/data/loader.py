@@ -17,12 +17,14 @@ import logging
 import multiprocessing
 import os
 import signal
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Iterator, Protocol
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from acrst_fast.augment.host import mark_host
 from acrst_fast.config import AugmentConfig
 from acrst_fast.data.coco import DataError, ImageRecord, decode_image
 from acrst_fast.data.transforms import (
@@ -79,6 +81,40 @@ class Batch:
     def targets(self, device: torch.device | str = "cpu") -> list[dict[str, torch.Tensor]]:
         return [{"boxes": b.to(device), "labels": l.to(device)} for b, l in zip(self.boxes, self.labels)]
 
+    def pin_memory(self) -> "Batch":
+        """The views in page-locked memory (DataLoader(pin_memory=True)), so copies to the GPU are async."""
+        return dataclasses.replace(self, weak=[t.pin_memory() for t in self.weak],
+                                   strong=[t.pin_memory() for t in self.strong])
+
+
+def to_device_ahead(batches: Iterator[Batch], device: torch.device) -> Iterator[Batch]:
+    """The batches with their views already on `device`. On CUDA each batch's views are copied on a
+    side stream one batch ahead (from pinned memory: the copy overlaps the current step), and the
+    compute stream waits for that copy on the device, not the host. Elsewhere the batches pass."""
+    if device.type != "cuda":
+        yield from batches
+        return
+    side = torch.cuda.Stream(device)
+
+    def start(b: Batch):
+        with torch.cuda.stream(side):
+            moved = dataclasses.replace(b, weak=[t.to(device, non_blocking=True) for t in b.weak],
+                                        strong=[t.to(device, non_blocking=True) for t in b.strong])
+            done = torch.cuda.Event()
+            done.record(side)
+        return moved, done
+
+    it = iter(batches)
+    ahead = next((start(b) for b in it), None)
+    while ahead is not None:
+        batch, done = ahead
+        ahead = next((start(b) for b in it), None)  # the next copy starts before this batch is used
+        compute = torch.cuda.current_stream(device)
+        compute.wait_event(done)
+        for t in (*batch.weak, *batch.strong):
+            t.record_stream(compute)  # the side stream's memory stays valid while compute uses it
+        yield batch
+
 
 class DataStage(Protocol):
     def labeled(self, start_step: int) -> Iterator[Batch]: ...  # strong (+ weak if asked) view + ground truth
@@ -107,10 +143,11 @@ class ShardedStreamSampler(Sampler):
         self.rank, self.world, self.start, self.infinite = rank, world, start, infinite
         self._perm_epoch, self._perm = -1, None
 
-    def _perm_for(self, epoch: int) -> torch.Tensor:
+    def _perm_for(self, epoch: int) -> list[int]:
         if epoch != self._perm_epoch:
             gen = torch.Generator().manual_seed(sample_seed(self.seed, self.stream, -1 - epoch))
-            self._perm, self._perm_epoch = torch.randperm(self.size, generator=gen), epoch
+            perm = mark_host(torch.randperm(self.size, generator=gen))  # host draws
+            self._perm, self._perm_epoch = perm.tolist(), epoch
         return self._perm
 
     def __iter__(self):
@@ -122,7 +159,7 @@ class ShardedStreamSampler(Sampler):
         while True:
             g = j * self.world + self.rank
             epoch, offset = divmod(g, self.size)
-            yield int(self._perm_for(epoch)[offset]), sample_seed(self.seed, self.stream, g)
+            yield self._perm_for(epoch)[offset], sample_seed(self.seed, self.stream, g)
             j += 1
 
     def __len__(self) -> int:
@@ -216,7 +253,7 @@ class TorchDataStage:
     def __init__(self, labeled: list[ImageRecord], unlabeled: list[ImageRecord], val: list[ImageRecord],
                  aug: AugmentConfig, batch_labeled: int, batch_unlabeled: int, seed: int, rank: int, world: int,
                  num_workers: int, val_batch: int = 4, labeled_views: tuple[str, ...] = ("strong",),
-                 bad_images: str = "fail"):
+                 bad_images: str = "fail", pin_memory: bool = False):
         """labeled_views: ("weak", "strong") when something (the CropBank) needs the labeled weak view.
         bad_images: what a missing or undecodable image does (`BadImagePolicy`)."""
         self.policy = BadImagePolicy(bad_images)
@@ -227,6 +264,7 @@ class TorchDataStage:
         }
         self.batch = {STREAM_LABELED: batch_labeled, STREAM_UNLABELED: batch_unlabeled, STREAM_VAL: val_batch}
         self.seed, self.rank, self.world, self.num_workers = seed, rank, world, num_workers
+        self.pin_memory = pin_memory and torch.cuda.is_available()
 
     def _loader(self, stream: int, start_step: int, infinite: bool) -> Iterator[Batch]:
         ds = self.sets[stream]
@@ -239,6 +277,7 @@ class TorchDataStage:
         base = torch.Generator().manual_seed(sample_seed(self.seed, stream, -(10**6) - start_step))
         loader = DataLoader(ds, batch_size=self.batch[stream], sampler=sampler, collate_fn=collate,
                             num_workers=self.num_workers, prefetch_factor=2 if self.num_workers > 0 else None,
+                            pin_memory=self.pin_memory,
                             generator=base, worker_init_fn=ignore_stop_signals if self.num_workers > 0 else None)
         return _checked(loader, self.policy)
 

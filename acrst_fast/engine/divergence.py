@@ -43,7 +43,7 @@ class DivergenceGuard(HookBase):
             self.pending[step] = self.factor * level
 
     def after_step(self, trainer: Trainer) -> None:
-        loss = max(trainer.losses) if trainer.losses else trainer.output.total
+        loss = max(trainer.losses) if trainer.losses else float(trainer.output.total)
         self.recent = (self.recent + [loss])[-self.check_steps:]
         for step, bound in sorted(self.pending.items()):
             if loss > bound:

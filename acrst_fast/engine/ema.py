@@ -2,7 +2,7 @@
 
 theta_t <- decay * theta_t + (1 - decay) * theta_s for floating-point parameters, done as one
 `torch._foreach_lerp_` over all of them. Buffers (BatchNorm running statistics, counters) are
-copied from the student: the teacher normalises with the statistics the student's weights were
+copied from the student with one `torch._foreach_copy_`: the teacher normalises with the statistics the student's weights were
 trained with. Frozen parameters (requires_grad=False) are averaged too; they are equal anyway.
 """
 from __future__ import annotations
@@ -26,8 +26,9 @@ def ema_update(teacher: nn.Module, student: nn.Module, decay: float) -> None:
     t, s = _float_pairs(teacher, student)
     if t:
         torch._foreach_lerp_(t, s, 1.0 - decay)
-    for tb, sb in zip(teacher.buffers(), student.buffers()):
-        tb.copy_(sb)
+    t_buf, s_buf = list(teacher.buffers()), list(student.buffers())
+    if t_buf:
+        torch._foreach_copy_(t_buf, s_buf)
 
 
 @torch.no_grad()

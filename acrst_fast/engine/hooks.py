@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from acrst_fast import dist
 from acrst_fast.config import SolverConfig
+from acrst_fast.augment.host import to_host
 from acrst_fast.engine import checkpoint as ckpt
 from acrst_fast.engine.divergence import DivergenceGuard
 from acrst_fast.engine.mean_teacher import PHASE_MUTUAL, MeanTeacher, StepOutput
@@ -131,7 +132,14 @@ class LoggingHook(HookBase):
         if n == 0:
             return
         elapsed = time.perf_counter() - self._t0
-        local = {"total": sum(o.total for o in self._window) / n,
+        # the window's losses and deferred metrics, read from the device in one go
+        tensors = [o.tensors() for o in self._window]
+        host = to_host(*(t for ts in tensors for t in ts))
+        values, at = [], 0
+        for o, ts in zip(self._window, tensors):
+            values.append(o.resolve(host[at:at + len(ts)]))
+            at += len(ts)
+        local = {"total": sum(v["total"] for v in values) / n,
                  "images_per_s": sum(o.images for o in self._window) / max(elapsed, 1e-9),
                  "pseudo_per_image": sum(o.pseudo_per_image for o in self._window) / n}
         for part in dict.fromkeys(k for o in self._window for k in o.seconds):  # in order of first appearance
@@ -140,10 +148,11 @@ class LoggingHook(HookBase):
         # pre-training to mutual learning averages unsup losses over the mutual steps only
         total: dict[str, float] = {}
         count: dict[str, int] = {}
-        for o in self._window:
-            values = {f"sup/{k}": v for k, v in o.sup.items()} | {f"unsup/{k}": v for k, v in o.unsup.items()}
-            for k, v in (values | o.extras).items():
-                total[k] = total.get(k, 0.0) + v
+        for v in values:
+            for k, x in v.items():
+                if k == "total":
+                    continue
+                total[k] = total.get(k, 0.0) + x
                 count[k] = count.get(k, 0) + 1
         local.update({k: v / count[k] for k, v in total.items()})
         avg = dist.all_reduce_mean(local)

@@ -20,14 +20,17 @@ from __future__ import annotations
 import copy
 import os
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
+
+import numpy as np
 
 import torch
 from torch import nn
 
 from acrst_fast.augment import ACRST, class_histogram
+from acrst_fast.augment.host import mark_host, to_host
 from acrst_fast.config import Config
-from acrst_fast.data.loader import Batch, DataStage, sample_seed
+from acrst_fast.data.loader import Batch, DataStage, sample_seed, to_device_ahead
 from acrst_fast.engine.amp import Precision, float_outputs
 from acrst_fast.engine.ema import ema_update
 from acrst_fast.ops import box_iou_ref
@@ -43,22 +46,54 @@ PHASE_PRETRAIN, PHASE_MUTUAL = "pretrain", "mutual"
 
 
 @dataclass
+class Deferred:
+    """Metrics that need values from the device, computed at the log flush rather than in the step:
+    `finish(host copies of tensors)` returns {name: float}. The logger reads the tensors of all the
+    window's steps in one host read."""
+
+    tensors: tuple[torch.Tensor, ...]
+    finish: Callable[[list[np.ndarray]], dict[str, float]]
+
+
+@dataclass
 class StepOutput:
-    """What one step reports. Loss values are detached floats of this rank."""
+    """What one step reports. Loss values are detached 0-dim tensors on the device (read by the logger
+    once per log period, and by the trainer's stop agreement once per step); `deferred` holds the
+    metrics that need the host (ACRST diagnostics, pseudo-label quality)."""
 
     phase: str
-    sup: dict[str, float]
-    unsup: dict[str, float]
-    total: float
+    sup: dict[str, torch.Tensor]
+    unsup: dict[str, torch.Tensor]
+    total: torch.Tensor
     images: int
     pseudo_per_image: float = 0.0
     seconds: dict[str, float] = field(default_factory=dict)
-    extras: dict[str, float] = field(default_factory=dict)  # ACRST diagnostics, averaged by the logger
+    extras: dict[str, float] = field(default_factory=dict)  # host values, averaged by the logger
+    deferred: list[Deferred] = field(default_factory=list)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every device value of the step, in the order `resolve` expects them."""
+        return [self.total, *self.sup.values(), *self.unsup.values(), *(t for d in self.deferred for t in d.tensors)]
+
+    def resolve(self, host: list[np.ndarray] | None = None) -> dict[str, float]:
+        """All of the step's scalars as floats: total, sup/*, unsup/*, extras and the deferred metrics.
+        `host`: the host copies of `tensors()` (read here when not given)."""
+        host = to_host(*self.tensors()) if host is None else host
+        it = iter(host)
+        out = {"total": float(next(it))}
+        out |= {f"sup/{k}": float(next(it)) for k in self.sup}
+        out |= {f"unsup/{k}": float(next(it)) for k in self.unsup}
+        out |= self.extras
+        for d in self.deferred:
+            out |= d.finish([next(it) for _ in d.tensors])
+        return out
 
     def describe(self) -> str:
-        """The loss and its terms, for the divergence message."""
-        terms = lambda d: "{" + ", ".join(f"{k}: {v:.4g}" for k, v in d.items()) + "}"  # noqa: E731
-        return f"loss {self.total:.4g}; sup {terms(self.sup)}" + (f", unsup {terms(self.unsup)}" if self.unsup else "")
+        """The loss and its terms, for the divergence message (reads the device)."""
+        v = self.resolve()
+        terms = lambda group: "{" + ", ".join(f"{k.split('/', 1)[1]}: {x:.4g}" for k, x in v.items()  # noqa: E731
+                                              if k.startswith(group + "/")) + "}"
+        return f"loss {v['total']:.4g}; sup {terms('sup')}" + (f", unsup {terms('unsup')}" if self.unsup else "")
 
 
 class StudentLosses(nn.Module):
@@ -136,6 +171,7 @@ class MeanTeacher:
         self._params = [p for p in student.parameters() if p.requires_grad]
         self.precision = Precision(cfg.solver.amp, device)
         self.sync_timing = False  # benchmarks: synchronise the GPU at each timing boundary
+        self.last_pseudo_count = 0
         inject = os.environ.get("ACRST_INJECT_NAN", "")  # "STEP:RANK": this rank's loss at STEP becomes NaN
         self._inject_nan_at = int(inject.split(":")[0]) if inject and int(inject.split(":")[1]) == rank else -1
 
@@ -147,8 +183,9 @@ class MeanTeacher:
 
     def start(self, step: int) -> None:
         """Open the data streams at the positions of `step` (0 for a new run, the checkpoint's on resume)."""
-        self._labeled = self.data.labeled(step)
-        self._unlabeled = self.data.unlabeled(step - self.pretrain_steps) if step >= self.pretrain_steps else None
+        self._labeled = to_device_ahead(self.data.labeled(step), self.device)
+        self._unlabeled = to_device_ahead(self.data.unlabeled(step - self.pretrain_steps), self.device) \
+            if step >= self.pretrain_steps else None
 
     def _to(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
         return [im.to(self.device, non_blocking=True) for im in images]
@@ -158,31 +195,27 @@ class MeanTeacher:
         return torch.Generator().manual_seed(sample_seed(self.cfg.run.seed, 100 + purpose, step * self.world + self.rank))
 
     def run_step(self, step: int) -> StepOutput:
+        """One step, in the paper's order (Fig. 3): data; teacher pseudo-labels with the two-stage
+        filter; ACRST (bank, Pseudo Recall, paste); student losses; optimisation. The host reads the
+        device a fixed number of times, whatever the batch size or the number of pseudo-labels."""
         t0 = self._now()
         if self._labeled is None:
             self.start(step)
         lab = next(self._labeled)
         lab_images, lab_targets = self._to(lab.strong), lab.targets(self.device)
-        unl_images, unl_targets, pseudo, n_unl = None, None, None, 0
+        unl, unl_images, unl_targets, pseudo, n_unl = None, None, None, None, 0
+        deferred: list[Deferred] = []
         t_data = self._now()
         if self.phase(step) == PHASE_MUTUAL:
             if step == self.pretrain_steps:
                 self.teacher.load_state_dict(self.student.state_dict())
             if self._unlabeled is None:
-                self._unlabeled = self.data.unlabeled(step - self.pretrain_steps)
+                self._unlabeled = to_device_ahead(self.data.unlabeled(step - self.pretrain_steps), self.device)
             unl = next(self._unlabeled)
             t_data = self._now()
             weak = self._to(unl.weak)
-            with torch.no_grad(), self.precision.autocast():
-                predictions = float_outputs(self.teacher(weak))
-            stage1 = filter_pseudo_labels(predictions, self.cfg.mean_teacher.tau_cls)
-            pseudo, probs = stage1, None
-            if self.classifier is not None:
-                with torch.no_grad(), self.precision.autocast():
-                    probs = torch.sigmoid(self.classifier(preprocess(weak, self.classifier_size)).float())
-                m = self.cfg.ssmll
-                pseudo = filter_pseudo_labels(predictions, self.cfg.mean_teacher.tau_cls, probs, self.filter_mode,
-                                              m.tau_ml, m.tau_pos, m.mining_min_score)
+            pseudo, predictions, deferred = self._pseudo_labels(weak, unl)
+            self.last_pseudo_count = sum(len(p["boxes"]) for p in pseudo)  # shapes: host values
             if self.acrst is not None:
                 self.acrst.observe_teacher(weak, predictions, pseudo, self._generator(step, 0))
             unl_images, n_unl = self._to(unl.strong), len(unl)
@@ -191,35 +224,11 @@ class MeanTeacher:
 
         extras: dict[str, float] = {}
         if self.acrst is not None:
-            if step < self.labeled_bank_steps:
-                self.acrst.add_ground_truth(self._to(lab.weak), [t["boxes"] for t in lab_targets],
-                                            [t["labels"] for t in lab_targets], self._generator(step, 1))
-                if step == self.labeled_bank_steps - 1:  # the first pass is over on every rank
-                    # the same generator on every rank (not per rank), so the merged banks are equal
-                    self.acrst.share_labeled_bank(torch.Generator().manual_seed(sample_seed(self.cfg.run.seed, 104, 0)))
-            lab_images, lab_targets, pasted_lab = self._rebalance(lab_images, lab_targets, self._generator(step, 2),
-                                                                  labeled=True)
-            extras["acrst/pasted_per_image_labeled"] = pasted_lab
-            if unl_images is not None:
-                unl_images, unl_targets, pasted_unl = self._rebalance(unl_images, unl_targets, self._generator(step, 3),
-                                                                      labeled=False)
-                extras["acrst/pasted_per_image_unlabeled"] = pasted_unl
+            lab_images, lab_targets, unl_images, unl_targets = self._rebalance(
+                step, lab, lab_images, lab_targets, unl_images, unl_targets, extras)
+            tensors, finish = self.acrst.diagnostics_deferred(self.gt_class_counts)
+            deferred.append(Deferred(tensors, lambda host, finish=finish: self._diagnostics(finish(host))))
         t_paste = self._now()
-        if self.acrst is not None:
-            extras.update(self._diagnostics())
-        if pseudo is not None and self.hidden_gt:  # pseudo-label quality against the hidden ground truth
-            tp, n_pl, n_gt = match_counts(pseudo, unl.boxes, unl.labels)
-            extras.update({"pseudo/tp": float(tp), "pseudo/num_pseudo": float(n_pl), "pseudo/num_hidden_gt": float(n_gt)})
-            if probs is not None:  # the same step's stage-1 (score only) pseudo-labels, and the classifier
-                tp1, n_pl1, _ = match_counts(stage1, unl.boxes, unl.labels)
-                extras.update({"pseudo/stage1/tp": float(tp1), "pseudo/stage1/num_pseudo": float(n_pl1)})
-                neg = negative_metrics(probs.cpu(), image_labels(unl.labels, probs.shape[1]), self.cfg.ssmll.tau_ml)
-                extras.update({f"ssmll/{k}": neg[k] for k in ("true_negative", "neg_predicted", "absent")})
-        if pseudo is not None:  # pseudo-label class histogram (report: GT vs pseudo-label distribution)
-            counts = class_histogram(torch.cat([p["labels"] for p in pseudo]), len(self.class_names))
-            for name, c in zip(self.class_names, counts.tolist()):
-                extras[f"pseudo/count/{name}"] = c
-        t_metrics = self._now()
 
         self.student.train()
         with self.precision.autocast():
@@ -239,33 +248,106 @@ class MeanTeacher:
         t_end = self._now()
         return StepOutput(
             phase=self.phase(step),
-            sup={k: float(sup[k].detach()) for k in SUP_LOSS_TERMS},
-            unsup={k: float(unsup[k].detach()) for k in unsup_terms} if unsup else {},
-            total=float(loss.detach()),
+            sup={k: sup[k].detach() for k in SUP_LOSS_TERMS},
+            unsup={k: unsup[k].detach() for k in unsup_terms} if unsup else {},
+            total=loss.detach(),
             images=len(lab) + n_unl,
             pseudo_per_image=(sum(len(p["boxes"]) for p in pseudo) / max(1, n_unl)) if pseudo is not None else 0.0,
             seconds={"data": t_data - t0, "teacher": t_teacher - t_data, "acrst": t_paste - t_teacher,
-                     "metrics": t_metrics - t_paste, "student": t_end - t_metrics,
+                     "metrics": 0.0, "student": t_end - t_paste,
                      **({f"acrst_{k}": v for k, v in self.acrst.pop_seconds().items()} if self.acrst else {})},
             extras=extras,
+            deferred=deferred,
         )
 
-    def _rebalance(self, images: list[torch.Tensor], targets: list[dict], gen: torch.Generator,
-                   labeled: bool) -> tuple[list[torch.Tensor], list[dict], float]:
-        """Paste bank instances into `images`; targets gain the pasted boxes (and, on unlabeled images
-        with selective supervision, `reg_weight`: 1 for pasted boxes, 0 for pseudo-labels)."""
-        images, boxes, labels, pasted = self.acrst.rebalance(images, [t["boxes"] for t in targets],
-                                                        [t["labels"] for t in targets], gen)
-        out = []
-        for b, lab, p in zip(boxes, labels, pasted):
-            t = {"boxes": b, "labels": lab}
-            if not labeled and self.selective:
-                t["reg_weight"] = p.float()
-            out.append(t)
-        return images, out, self.acrst.last_pasted_per_image
+    def _pseudo_labels(self, weak: list[torch.Tensor], unl: Batch):
+        """Teacher predictions on the weak views and the kept pseudo-labels (stage 1: score; stage 2:
+        the SSMLL classifier), plus the deferred metrics of their quality (hidden ground truth, class
+        histogram, classifier negatives). Returns (pseudo-labels, predictions, deferred)."""
+        with torch.inference_mode(), self.precision.autocast():
+            predictions = float_outputs(self.teacher(weak))
+            probs = torch.sigmoid(self.classifier(preprocess(weak, self.classifier_size)).float()) \
+                if self.classifier is not None else None
+        tau = self.cfg.mean_teacher.tau_cls
+        stage1 = filter_pseudo_labels(predictions, tau)
+        pseudo = stage1
+        if probs is not None:
+            m = self.cfg.ssmll
+            pseudo = filter_pseudo_labels(predictions, tau, probs, self.filter_mode, m.tau_ml, m.tau_pos,
+                                          m.mining_min_score)
+        deferred = [self._pseudo_histogram(pseudo)]
+        if self.hidden_gt:  # pseudo-label quality against the hidden ground truth, at the log flush
+            deferred.append(self._pseudo_quality(pseudo, unl, "pseudo"))
+            if probs is not None:
+                deferred.append(self._pseudo_quality(stage1, unl, "pseudo/stage1"))
+                deferred.append(self._classifier_negatives(probs, unl))
+        return pseudo, predictions, deferred
 
-    def _diagnostics(self) -> dict[str, float]:
-        d = self.acrst.diagnostics(self.gt_class_counts)
+    def _pseudo_histogram(self, pseudo: list[dict]) -> Deferred:
+        """Pseudo-label class histogram (report: GT vs pseudo-label distribution)."""
+        labels = torch.cat([p["labels"] for p in pseudo]) if pseudo else torch.zeros(0, dtype=torch.int64)
+        counts = class_histogram(labels, len(self.class_names))
+        return Deferred((counts,), lambda host: {f"pseudo/count/{name}": float(c)
+                                                 for name, c in zip(self.class_names, host[0].tolist())})
+
+    @staticmethod
+    def _pseudo_quality(pseudo: list[dict], unl: Batch, prefix: str) -> Deferred:
+        """tp / pseudo-labels / hidden ground truths of one step (`match_counts`), computed at the flush."""
+        sizes = [len(p["boxes"]) for p in pseudo]
+        widths = {"boxes": 4, "labels": 1, "scores": 1}
+        tensors = tuple(torch.cat([p[k].reshape(-1, w) for p in pseudo]) if pseudo else torch.zeros((0, w))
+                        for k, w in widths.items())
+        gt_boxes, gt_labels = list(unl.boxes), list(unl.labels)
+
+        def finish(host):
+            boxes, labels, scores = (torch.from_numpy(h) for h in host)
+            parts = [{"boxes": b.float(), "labels": lab.flatten().long(), "scores": sc.flatten().float()}
+                     for b, lab, sc in zip(boxes.split(sizes), labels.split(sizes), scores.split(sizes))]
+            tp, n_pl, n_gt = match_counts(parts, gt_boxes, gt_labels)
+            out = {f"{prefix}/tp": float(tp), f"{prefix}/num_pseudo": float(n_pl)}
+            return out | ({"pseudo/num_hidden_gt": float(n_gt)} if prefix == "pseudo" else {})
+
+        return Deferred(tensors, finish)
+
+    def _classifier_negatives(self, probs: torch.Tensor, unl: Batch) -> Deferred:
+        labels = image_labels(unl.labels, probs.shape[1])
+
+        def finish(host):
+            neg = negative_metrics(torch.from_numpy(host[0]).float(), labels, self.cfg.ssmll.tau_ml)
+            return {f"ssmll/{k}": neg[k] for k in ("true_negative", "neg_predicted", "absent")}
+
+        return Deferred((probs,), finish)
+
+    def _rebalance(self, step: int, lab: Batch, lab_images, lab_targets, unl_images, unl_targets, extras):
+        """ACRST on the student's images: the Labeled bank's first pass, then FBR on the labeled and
+        unlabeled images together (one host read, one paste launch). Targets gain the pasted boxes
+        (and, on unlabeled images with selective supervision, `reg_weight`: 1 for pasted boxes, 0 for
+        pseudo-labels)."""
+        host_boxes = [mark_host(b) for b in lab.boxes]  # the data loader's targets: already on the host
+        host_labels = [mark_host(t) for t in lab.labels]
+        if step < self.labeled_bank_steps:
+            self.acrst.add_ground_truth(self._to(lab.weak), host_boxes, host_labels, self._generator(step, 1))
+            if step == self.labeled_bank_steps - 1:  # the first pass is over on every rank
+                # the same generator on every rank (not per rank), so the merged banks are equal
+                self.acrst.share_labeled_bank(torch.Generator().manual_seed(sample_seed(self.cfg.run.seed, 104, 0)))
+        batches = [(lab_images, host_boxes, host_labels, self._generator(step, 2))]
+        if unl_images is not None:
+            batches.append((unl_images, [t["boxes"] for t in unl_targets], [t["labels"] for t in unl_targets],
+                            self._generator(step, 3)))
+        results = self.acrst.rebalance_many(batches)
+        names = ("labeled", "unlabeled")
+        targets = []
+        for (images, boxes, labels, pasted), name, per_image in zip(results, names, self.acrst.pasted_per_image):
+            extras[f"acrst/pasted_per_image_{name}"] = per_image
+            targets.append([{"boxes": b, "labels": lb} | ({"reg_weight": p.float()} if name == "unlabeled" and
+                                                             self.selective else {})
+                            for b, lb, p in zip(boxes, labels, pasted)])
+        lab_images, lab_targets = results[0][0], targets[0]
+        if unl_images is not None:
+            unl_images, unl_targets = results[1][0], targets[1]
+        return lab_images, lab_targets, unl_images, unl_targets
+
+    def _diagnostics(self, d: dict) -> dict[str, float]:
         out = {"acrst/kl_gt_pl": float(d["kl_gt_pl"])} if "kl_gt_pl" in d else {}
         for key in ("pr", "mu", "bank_labeled", "bank_pseudo", "pl_hist"):
             for name, v in zip(self.class_names, d[key].tolist()):

@@ -15,6 +15,7 @@ from typing import Any, Callable
 import torch
 
 from acrst_fast import dist
+from acrst_fast.augment.host import mark_host
 
 
 class TrainingInterrupted(Exception):
@@ -59,14 +60,17 @@ class Trainer:
     def request_stop(self) -> None:
         self.stop_requested = True
 
-    def _agree(self, loss: float) -> tuple[bool, list[float]]:
-        """One collective: (any rank asked to stop, every rank's loss)."""
+    def _agree(self, loss) -> tuple[bool, list[float]]:
+        """One collective: (any rank asked to stop, every rank's loss). `loss` (a float or a 0-dim
+        tensor on the device) is the one value the step reads from the device."""
         world, rank = dist.world_size(), dist.rank()
-        packet = torch.zeros(1 + world, dtype=torch.float64)
-        packet[0] = float(self.stop_requested)
-        packet[1 + rank] = loss
-        dist.all_reduce(packet)  # a CPU tensor: the gloo group
-        return bool(packet[0] > 0), packet[1:].tolist()
+        values = [0.0] * (1 + world)
+        values[0] = float(self.stop_requested)
+        values[1 + rank] = float(loss)
+        packet = mark_host(torch.tensor(values, dtype=torch.float64))  # host values: the gloo group
+        dist.all_reduce(packet)
+        values = packet.tolist()
+        return values[0] > 0, values[1:]
 
     def train(self) -> None:
         for h in self.hooks:
@@ -80,7 +84,7 @@ class Trainer:
             stop, self.losses = self._agree(self.output.total)
             bad = [r for r, v in enumerate(self.losses) if not math.isfinite(v)]
             if bad:
-                detail = self.output.describe() if not math.isfinite(self.output.total) else ""
+                detail = self.output.describe() if not math.isfinite(self.losses[dist.rank()]) else ""
                 raise TrainingDiverged(self.step, bad, detail)
             for h in self.hooks:
                 h.after_step(self)

@@ -31,49 +31,70 @@ def _weights_for(target: dict, matched_idxs: torch.Tensor) -> torch.Tensor:
     return w.to(matched_idxs.device, torch.float32)[matched_idxs.clamp(min=0)]
 
 
+class _RecordingMatcher:
+    """A Matcher that keeps what it returned, so the weights use the parent's own assignment (no re-run)."""
+
+    def __init__(self, matcher):
+        self.matcher, self.results = matcher, []
+
+    def __call__(self, quality: torch.Tensor) -> torch.Tensor:
+        out = self.matcher(quality)
+        self.results.append(out)
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self.matcher, name)
+
+
 class WeightedRPN(RegionProposalNetwork):
     def assign_targets_to_anchors(self, anchors, targets):
-        labels, matched_gt_boxes = super().assign_targets_to_anchors(anchors, targets)
+        matcher = self.proposal_matcher
+        recording = self.proposal_matcher = _RecordingMatcher(matcher)
+        try:
+            labels, matched_gt_boxes = super().assign_targets_to_anchors(anchors, targets)
+        finally:
+            self.proposal_matcher = matcher
+        matched = iter(recording.results)  # one per image with boxes, in order
         weights = []
         for anchors_per_image, t in zip(anchors, targets):
-            if "reg_weight" in t and t["boxes"].numel() > 0:
-                # the Matcher is deterministic: this is the assignment the parent just made
-                matched = self.proposal_matcher(self.box_similarity(t["boxes"], anchors_per_image))
-                weights.append(_weights_for(t, matched))
+            if t["boxes"].numel() > 0:
+                weights.append(_weights_for(t, next(matched)))
             else:
                 weights.append(torch.ones(len(anchors_per_image), device=anchors_per_image.device))
         self._anchor_weights = weights
         return labels, matched_gt_boxes
 
     def compute_loss(self, objectness, pred_bbox_deltas, labels, regression_targets):
-        sampled_pos_inds, sampled_neg_inds = self.fg_bg_sampler(labels)
-        sampled_pos_inds = torch.where(torch.cat(sampled_pos_inds, dim=0))[0]
-        sampled_neg_inds = torch.where(torch.cat(sampled_neg_inds, dim=0))[0]
-        sampled_inds = torch.cat([sampled_pos_inds, sampled_neg_inds], dim=0)
+        """torchvision's RPN loss with per-anchor regression weights, on masks instead of gathered
+        indices (no data-dependent shapes, so no host read); equal up to float summation order."""
+        sampled_pos, sampled_neg = self.fg_bg_sampler(labels)
+        pos = torch.cat(sampled_pos, dim=0).bool()
+        sampled = pos | torch.cat(sampled_neg, dim=0).bool()
+        n_sampled = sampled.sum()
         objectness = objectness.flatten()
         labels = torch.cat(labels, dim=0)
         regression_targets = torch.cat(regression_targets, dim=0)
         weights = torch.cat(self._anchor_weights, dim=0)
         self._anchor_weights = None
-        per_anchor = F.smooth_l1_loss(pred_bbox_deltas[sampled_pos_inds], regression_targets[sampled_pos_inds],
-                                      beta=1 / 9, reduction="none").sum(dim=1)
-        box_loss = (per_anchor * weights[sampled_pos_inds]).sum() / sampled_inds.numel()
-        objectness_loss = F.binary_cross_entropy_with_logits(objectness[sampled_inds], labels[sampled_inds])
+        per_anchor = F.smooth_l1_loss(pred_bbox_deltas, regression_targets, beta=1 / 9, reduction="none").sum(dim=1)
+        box_loss = torch.where(pos, per_anchor * weights, 0.0).sum() / n_sampled
+        per_logit = F.binary_cross_entropy_with_logits(objectness, labels.clamp(0, 1), reduction="none")
+        objectness_loss = torch.where(sampled, per_logit, 0.0).sum() / n_sampled
         return objectness_loss, box_loss
 
 
 def weighted_fastrcnn_loss(class_logits, box_regression, labels, regression_targets, weights):
-    """torchvision's fastrcnn_loss with a regression weight per sampled proposal (list of Tensor[S_i])."""
+    """torchvision's fastrcnn_loss with a regression weight per sampled proposal (list of Tensor[S_i]),
+    on a mask of the positive proposals instead of their indices (no host read)."""
     labels = torch.cat(labels, dim=0)
     regression_targets = torch.cat(regression_targets, dim=0)
     weights = torch.cat(weights, dim=0)
     classification_loss = F.cross_entropy(class_logits, labels)
-    pos = torch.where(labels > 0)[0]
     n, _ = class_logits.shape
     box_regression = box_regression.reshape(n, box_regression.size(-1) // 4, 4)
-    per_box = F.smooth_l1_loss(box_regression[pos, labels[pos]], regression_targets[pos], beta=1 / 9,
-                               reduction="none").sum(dim=1)
-    box_loss = (per_box * weights[pos]).sum() / labels.numel()
+    own_class = box_regression[torch.arange(n, device=labels.device), labels]  # Tensor[n, 4]
+    per_box = F.smooth_l1_loss(own_class, regression_targets, beta=1 / 9, reduction="none").sum(dim=1)
+    box_loss = torch.where(labels > 0, per_box * weights, 0.0).sum() / labels.numel()
     return classification_loss, box_loss
 
 

@@ -1,0 +1,55 @@
+"""The sync budget: one mutual step (ACRST, selective supervision, pseudo-label metrics) reads the device a
+fixed number of times in project code, whatever the batch size or the number of pseudo-labels."""
+import sys
+
+import pytest
+import torch
+
+from acrst_fast.augment.host import mark_host, to_host
+from acrst_fast.syncs import SyncCounter
+from conftest import REPO, tiny_config_dict, write_config
+
+sys.path.insert(0, str(REPO / "bench"))
+BUDGET = 8
+
+
+def test_counter_sees_what_would_synchronise():
+    x = torch.arange(10.0)
+    with SyncCounter() as c:
+        x.sum().item()
+        float(x[0])
+        x.tolist()
+        torch.nonzero(x > 3)
+        x[x > 3]
+        x.unique()
+        mark_host(torch.ones(3)).tolist()  # host data by design: not counted
+        to_host(x, x * 2, mark_host(torch.ones(2)))  # one read for the two device-side tensors
+        x + 1  # no read
+    assert c.project_total() == 1 and c.total() == 7, c.table()  # six here, one in to_host
+
+
+def _runner(tmp_path, tiny_demo, batch: int):
+    from syncs import build
+
+    raw = tiny_config_dict(tiny_demo, tmp_path / f"run{batch}")
+    raw["acrst"] = {"fbr": True, "selective_supervision": True, "n_range": [1, 6], "capacity_per_class": 8,
+                    "crop_size": 16, "pr_window": 5}
+    raw["mean_teacher"]["tau_cls"] = 0.0  # every detection is a pseudo-label: P grows with the batch
+    raw["model"]["box_detections_per_img"] = 20
+    raw["data"]["num_workers"] = 1  # views are made in a worker, as in training (host work, not counted)
+    cfg = write_config(tmp_path / f"c{batch}.yaml", raw)
+    return build(str(cfg), batch, [])
+
+
+@pytest.mark.slow
+def test_mutual_step_sync_budget_does_not_grow(tmp_path, tiny_demo):
+    from syncs import count
+
+    counts = {}
+    for batch in (2, 8):
+        runner, step = _runner(tmp_path, tiny_demo, batch)
+        project, _ = count(runner, step, torch.device("cpu"))
+        counts[batch] = sum(project.values())
+        assert counts[batch] <= BUDGET, f"batch {batch}: {dict(project)}"
+        assert runner.last_pseudo_count > 10 * batch  # many pseudo-labels, yet the count does not grow
+    assert counts[2] == counts[8], counts
