@@ -293,7 +293,8 @@ def build_runner(cfg: Config, datasets, info, source: str,
                               threads=max(1, cfg.data.num_workers), **stage_args)
     else:
         stage = TorchDataStage(datasets.labeled, datasets.unlabeled, datasets.val, cfg.augment,
-                               num_workers=cfg.data.num_workers, pin_memory=info.device.type == "cuda", **stage_args)
+                               num_workers=cfg.data.num_workers,
+                               view_device=info.device if info.device.type == "cuda" else None, **stage_args)
     acrst = build_acrst(cfg, datasets.categories.num_classes, info.device) if cfg.acrst.fbr else None
     classifier, classifier_size = None, 0
     if cfg.ssmll.filter != "single":

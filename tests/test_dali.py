@@ -133,3 +133,62 @@ def test_ssmll_square_views_from_dali_match_torch(tiny_demo):
         assert torch.equal(a["labels"], b["labels"]) and a["weak"].shape == b["weak"].shape == (4, 3, 64, 64)
         assert (a["weak"] - b["weak"]).abs().mean() < 2 / 255  # same resize and flip, uint8 rounding
         assert (a["strong"] - b["strong"]).abs().mean() < 0.12 and (b["strong"] - b["weak"]).abs().mean() > 0.01
+
+
+def test_run_ahead_keeps_order_runs_ahead_and_raises_in_the_consumer():
+    import threading
+    import time
+
+    from acrst_fast.data.dali_stage import run_ahead
+
+    produced = []
+
+    def source(n, fail_at=None):
+        for i in range(n):
+            if i == fail_at:
+                raise DataError(f"bad image {i}")
+            produced.append(i)
+            yield i
+
+    it = run_ahead(source(6), depth=2)
+    assert next(it) == 0
+    deadline = time.time() + 5
+    while len(produced) < 3 and time.time() < deadline:  # the producer works ahead: the next two are made
+        time.sleep(0.01)
+    assert produced[:3] == [0, 1, 2]
+    assert list(it) == [1, 2, 3, 4, 5]
+    with pytest.raises(DataError, match="bad image 2"):
+        list(run_ahead(source(5, fail_at=2)))
+    before = threading.active_count()
+    abandoned = run_ahead(source(100))
+    next(abandoned)
+    abandoned.close()  # the consumer leaves early: the producer thread stops
+    deadline = time.time() + 5
+    while threading.active_count() > before and time.time() < deadline:
+        time.sleep(0.01)
+    assert threading.active_count() <= before
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_views_made_on_the_device_equal_the_workers_views(tiny_demo, device):
+    """view_device: uint8 images cross the process boundary and the views are made on the device, from
+    the same draws. On the CPU the result is bit-identical to views made in the workers."""
+    records = _records(tiny_demo)
+    kw = dict(batch_labeled=3, batch_unlabeled=3, seed=5, rank=0, world=1, num_workers=1,
+              labeled_views=("weak", "strong"))
+    workers = TorchDataStage(*records, AUG, **kw)
+    on_device = TorchDataStage(*records, AUG, view_device=torch.device(device), **kw)
+    for stream in ("labeled", "unlabeled", "val"):
+        a_it = getattr(workers, stream)(*(() if stream == "val" else (1,)))
+        b_it = getattr(on_device, stream)(*(() if stream == "val" else (1,)))
+        for _ in range(2):
+            a, b = next(a_it), next(b_it)
+            assert a.image_ids == b.image_ids and not b.raw
+            assert all(torch.equal(x, y) for x, y in zip(a.boxes, b.boxes))
+            for x, y in zip(a.weak + a.strong, b.weak + b.strong):
+                assert y.device.type == device
+                if device == "cpu":
+                    assert torch.equal(x, y)
+                else:
+                    assert (x - y.cpu()).abs().max() < 2e-2
+            assert len(a.weak) == len(b.weak) and len(a.strong) == len(b.strong)

@@ -19,6 +19,9 @@ fails the run (`data.bad_images: fail`) or is dropped from its batch with a coun
 """
 from __future__ import annotations
 
+import queue
+import threading
+
 from typing import Iterator
 
 import numpy as np
@@ -225,10 +228,49 @@ class DaliDataStage:
         }
 
     def labeled(self, start_step: int) -> Iterator[Batch]:
-        return self.streams[STREAM_LABELED].batches(start_step, infinite=True)
+        return run_ahead(self.streams[STREAM_LABELED].batches(start_step, infinite=True))
 
     def unlabeled(self, start_step: int) -> Iterator[Batch]:
-        return self.streams[STREAM_UNLABELED].batches(start_step, infinite=True)
+        return run_ahead(self.streams[STREAM_UNLABELED].batches(start_step, infinite=True))
 
     def val(self) -> Iterator[Batch]:
-        return self.streams[STREAM_VAL].batches(0, infinite=False)
+        return run_ahead(self.streams[STREAM_VAL].batches(0, infinite=False))
+
+
+PREFETCH_DEPTH = 2  # batches a stream's pipeline runs ahead of the step
+
+
+def run_ahead(batches: Iterator[Batch], depth: int = PREFETCH_DEPTH) -> Iterator[Batch]:
+    """`batches`, produced by a background thread up to `depth` batches ahead of the consumer: the
+    host work (file reads, per-sample arguments) and the DALI run of the next batches overlap the
+    step, which takes finished batches without waiting. Same batches, same order; an error in the
+    producer (a bad image with data.bad_images=fail) is raised in the consumer."""
+    done, out = object(), queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for batch in batches:
+                while not stop.is_set():
+                    try:
+                        out.put(batch, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            out.put(done)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            out.put(exc)
+
+    threading.Thread(target=produce, name="dali-ahead", daemon=True).start()
+    try:
+        while True:
+            item = out.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()

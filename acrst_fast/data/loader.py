@@ -28,7 +28,8 @@ from acrst_fast.augment.host import mark_host
 from acrst_fast.config import AugmentConfig
 from acrst_fast.data.coco import DataError, ImageRecord, decode_image
 from acrst_fast.data.transforms import (
-    Geometry, apply_geometry_to_boxes, apply_geometry_to_image, sample_geometry, strong_photometric,
+    Geometry, StrongParams, apply_geometry_to_boxes, apply_geometry_to_image, apply_strong, sample_geometry,
+    sample_strong, strong_photometric,
 )
 
 # Set in the main process when it exits (atexit runs this before multiprocessing terminates its
@@ -74,6 +75,11 @@ class Batch:
     labels: list[torch.Tensor]
     geometry: list[Geometry]
     orig_hw: list[tuple[int, int]] = field(default_factory=list)
+    # device views (TorchDataStage(view_device=...)): each image decoded, uint8 Tensor[3, H, W], and its
+    # strong-view draws; `finish_views` makes weak/strong from them on the device
+    raw: list[torch.Tensor] = field(default_factory=list)
+    strong_params: list[StrongParams | None] = field(default_factory=list)
+    views: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -84,22 +90,38 @@ class Batch:
     def pin_memory(self) -> "Batch":
         """The views in page-locked memory (DataLoader(pin_memory=True)), so copies to the GPU are async."""
         return dataclasses.replace(self, weak=[t.pin_memory() for t in self.weak],
-                                   strong=[t.pin_memory() for t in self.strong])
+                                   strong=[t.pin_memory() for t in self.strong], raw=[t.pin_memory() for t in self.raw])
+
+    def finish_views(self, device: torch.device) -> "Batch":
+        """Weak and strong views made on `device` from the uint8 images (the same ops and draws as the
+        workers' path: `apply_geometry_to_image`, then `apply_strong`); views already made are moved."""
+        if not self.raw:
+            return dataclasses.replace(self, weak=[t.to(device, non_blocking=True) for t in self.weak],
+                                       strong=[t.to(device, non_blocking=True) for t in self.strong])
+        weak, strong = [], []
+        for image, geom, params in zip(self.raw, self.geometry, self.strong_params):
+            w = apply_geometry_to_image(image.to(device, non_blocking=True).float().div_(255.0), geom)
+            if "strong" in self.views:
+                strong.append(apply_strong(w, params))
+            if "weak" in self.views:
+                weak.append(w)
+        return dataclasses.replace(self, weak=weak, strong=strong, raw=[], strong_params=[])
 
 
 def to_device_ahead(batches: Iterator[Batch], device: torch.device) -> Iterator[Batch]:
-    """The batches with their views already on `device`. On CUDA each batch's views are copied on a
-    side stream one batch ahead (from pinned memory: the copy overlaps the current step), and the
-    compute stream waits for that copy on the device, not the host. Elsewhere the batches pass."""
+    """The batches with their views on `device` (`Batch.finish_views`). On CUDA each batch is copied
+    (uint8 images, from pinned memory) and its views made on a side stream one batch ahead, so this
+    work overlaps the current step, and the compute stream waits for it on the device, not the host.
+    Elsewhere views made in the workers pass as they are."""
     if device.type != "cuda":
-        yield from batches
+        for b in batches:
+            yield b.finish_views(device) if b.raw else b
         return
     side = torch.cuda.Stream(device)
 
     def start(b: Batch):
         with torch.cuda.stream(side):
-            moved = dataclasses.replace(b, weak=[t.to(device, non_blocking=True) for t in b.weak],
-                                        strong=[t.to(device, non_blocking=True) for t in b.strong])
+            moved = b.finish_views(device)
             done = torch.cuda.Event()
             done.record(side)
         return moved, done
@@ -175,8 +197,11 @@ class DetectionViews(Dataset):
     """
 
     def __init__(self, records: list[ImageRecord], aug: AugmentConfig, views: tuple[str, ...], train: bool,
-                 with_boxes: bool):
+                 with_boxes: bool, raw: bool = False):
+        """raw: hand over the decoded uint8 image and the draws instead of float views (`Batch.finish_views`
+        makes them on the training device): a quarter of the bytes cross the process boundary."""
         self.records, self.aug, self.views, self.train, self.with_boxes = records, aug, views, train, with_boxes
+        self.raw = raw
 
     def __len__(self) -> int:
         return len(self.records)
@@ -190,22 +215,21 @@ class DetectionViews(Dataset):
     def _views(self, index: int, seed: int) -> dict:
         rec = self.records[index]
         gen = torch.Generator().manual_seed(seed)
-        image = decode_image(rec).float().div_(255.0)
-        h, w = image.shape[1:]
+        decoded = decode_image(rec)
+        h, w = decoded.shape[1:]
         geom = sample_geometry(gen, h, w, self.aug, self.train)
-        weak = apply_geometry_to_image(image, geom)
         boxes = torch.from_numpy(rec.boxes) if self.with_boxes else torch.zeros((0, 4))
         labels = torch.from_numpy(rec.labels) if self.with_boxes else torch.zeros((0,), dtype=torch.int64)
         boxes, keep = apply_geometry_to_boxes(boxes, geom)
-        return {
-            "image_id": rec.image_id,
-            "weak": weak if "weak" in self.views else None,
-            "strong": strong_photometric(weak, gen, self.aug) if "strong" in self.views else None,
-            "boxes": boxes,
-            "labels": labels[keep],
-            "geometry": geom,
-            "orig_hw": (h, w),
-        }
+        out = {"image_id": rec.image_id, "boxes": boxes, "labels": labels[keep], "geometry": geom, "orig_hw": (h, w),
+               "weak": None, "strong": None, "views": self.views}
+        if self.raw:  # the same draws, in the same order, as strong_photometric on the weak view makes
+            _, _, cw, ch = geom.crop
+            params = sample_strong(gen, self.aug, ch, cw) if "strong" in self.views else None
+            return out | {"raw": decoded, "strong_params": params}
+        weak = apply_geometry_to_image(decoded.float().div_(255.0), geom)
+        return out | {"weak": weak if "weak" in self.views else None,
+                      "strong": strong_photometric(weak, gen, self.aug) if "strong" in self.views else None}
 
 
 def collate(items: list[dict]) -> tuple[Batch, list[str]]:
@@ -220,6 +244,9 @@ def collate(items: list[dict]) -> tuple[Batch, list[str]]:
         labels=[it["labels"] for it in items],
         geometry=[it["geometry"] for it in items],
         orig_hw=[it["orig_hw"] for it in items],
+        raw=[it["raw"] for it in items if "raw" in it],
+        strong_params=[it["strong_params"] for it in items if "raw" in it],
+        views=items[0]["views"] if items else (),
     ), errors
 
 
@@ -253,18 +280,23 @@ class TorchDataStage:
     def __init__(self, labeled: list[ImageRecord], unlabeled: list[ImageRecord], val: list[ImageRecord],
                  aug: AugmentConfig, batch_labeled: int, batch_unlabeled: int, seed: int, rank: int, world: int,
                  num_workers: int, val_batch: int = 4, labeled_views: tuple[str, ...] = ("strong",),
-                 bad_images: str = "fail", pin_memory: bool = False):
+                 bad_images: str = "fail", view_device: torch.device | None = None):
         """labeled_views: ("weak", "strong") when something (the CropBank) needs the labeled weak view.
-        bad_images: what a missing or undecodable image does (`BadImagePolicy`)."""
+        bad_images: what a missing or undecodable image does (`BadImagePolicy`). view_device: None makes
+        the float views in the workers (CPU training); a device (CUDA training) makes the workers hand
+        over uint8 images in pinned memory, and the views are made on that device one batch ahead
+        (`to_device_ahead`)."""
         self.policy = BadImagePolicy(bad_images)
+        raw = view_device is not None
         self.sets = {
-            STREAM_LABELED: DetectionViews(labeled, aug, labeled_views, train=True, with_boxes=True),
-            STREAM_UNLABELED: DetectionViews(unlabeled, aug, ("weak", "strong"), train=True, with_boxes=True),
-            STREAM_VAL: DetectionViews(val, aug, ("weak",), train=False, with_boxes=True),
+            STREAM_LABELED: DetectionViews(labeled, aug, labeled_views, train=True, with_boxes=True, raw=raw),
+            STREAM_UNLABELED: DetectionViews(unlabeled, aug, ("weak", "strong"), train=True, with_boxes=True, raw=raw),
+            STREAM_VAL: DetectionViews(val, aug, ("weak",), train=False, with_boxes=True, raw=raw),
         }
         self.batch = {STREAM_LABELED: batch_labeled, STREAM_UNLABELED: batch_unlabeled, STREAM_VAL: val_batch}
         self.seed, self.rank, self.world, self.num_workers = seed, rank, world, num_workers
-        self.pin_memory = pin_memory and torch.cuda.is_available()
+        self.view_device = view_device
+        self.pin_memory = view_device is not None and view_device.type == "cuda"
 
     def _loader(self, stream: int, start_step: int, infinite: bool) -> Iterator[Batch]:
         ds = self.sets[stream]
@@ -279,7 +311,8 @@ class TorchDataStage:
                             num_workers=self.num_workers, prefetch_factor=2 if self.num_workers > 0 else None,
                             pin_memory=self.pin_memory,
                             generator=base, worker_init_fn=ignore_stop_signals if self.num_workers > 0 else None)
-        return _checked(loader, self.policy)
+        batches = _checked(loader, self.policy)
+        return to_device_ahead(batches, self.view_device) if self.view_device is not None else batches
 
     def labeled(self, start_step: int) -> Iterator[Batch]:
         return self._loader(STREAM_LABELED, start_step, infinite=True)

@@ -30,7 +30,7 @@ from torch import nn
 from acrst_fast.augment import ACRST, class_histogram
 from acrst_fast.augment.host import mark_host, to_host
 from acrst_fast.config import Config
-from acrst_fast.data.loader import Batch, DataStage, sample_seed, to_device_ahead
+from acrst_fast.data.loader import Batch, DataStage, sample_seed
 from acrst_fast.engine.amp import Precision, float_outputs
 from acrst_fast.engine.ema import ema_update
 from acrst_fast.ops import box_iou_ref
@@ -183,9 +183,8 @@ class MeanTeacher:
 
     def start(self, step: int) -> None:
         """Open the data streams at the positions of `step` (0 for a new run, the checkpoint's on resume)."""
-        self._labeled = to_device_ahead(self.data.labeled(step), self.device)
-        self._unlabeled = to_device_ahead(self.data.unlabeled(step - self.pretrain_steps), self.device) \
-            if step >= self.pretrain_steps else None
+        self._labeled = self.data.labeled(step)
+        self._unlabeled = self.data.unlabeled(step - self.pretrain_steps) if step >= self.pretrain_steps else None
 
     def _to(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
         return [im.to(self.device, non_blocking=True) for im in images]
@@ -210,7 +209,7 @@ class MeanTeacher:
             if step == self.pretrain_steps:
                 self.teacher.load_state_dict(self.student.state_dict())
             if self._unlabeled is None:
-                self._unlabeled = to_device_ahead(self.data.unlabeled(step - self.pretrain_steps), self.device)
+                self._unlabeled = self.data.unlabeled(step - self.pretrain_steps)
             unl = next(self._unlabeled)
             t_data = self._now()
             weak = self._to(unl.weak)
