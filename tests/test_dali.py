@@ -192,3 +192,14 @@ def test_views_made_on_the_device_equal_the_workers_views(tiny_demo, device):
                 else:
                     assert (x - y.cpu()).abs().max() < 2e-2
             assert len(a.weak) == len(b.weak) and len(a.strong) == len(b.strong)
+
+
+def test_two_open_iterators_of_one_stream(tiny_demo):
+    """Iterators run ahead in threads: two open at once (a resume beside a first pass) must not share a
+    pipeline, and each gives its own positions."""
+    _, stage = _stages(_records(tiny_demo))
+    a, b = stage.labeled(0), stage.labeled(3)
+    first = [next(a) for _ in range(4)]
+    again = next(b)
+    assert again.image_ids == first[3].image_ids
+    assert all(torch.equal(x, y) for x, y in zip(again.boxes, first[3].boxes))

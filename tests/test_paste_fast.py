@@ -196,6 +196,7 @@ def test_triton_paste_later_wins_and_empty_ops(device):
     (dict(ops=torch.tensor([[0, 0, 0, 0, 2, 2, 0]], dtype=torch.int32)), "int64"),
     (dict(hw=torch.tensor([[10, 10], [10, 10]])), "image_hw"),
 ])
+@pytest.mark.triton_cpu  # CPU tensors: the checks ahead of the launch, under the interpreter
 def test_triton_paste_checks_inputs(bad, match):
     args = dict(images=torch.zeros(1, 3, 10, 10), hw=torch.tensor([[10, 10]]),
                 ops=torch.tensor([[0, 0, 0, 0, 2, 2, 0]]), bank=torch.zeros(2, 3, 4, 4, dtype=torch.uint8))

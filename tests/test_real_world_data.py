@@ -152,6 +152,8 @@ def test_image_only_json_is_a_valid_unlabeled_set(tmp_path):
     unl.write_text(json.dumps({"images": [{"id": 7, "file_name": "b.jpg", "width": 40, "height": 30}]}))
     records, _ = load_coco_records(unl, tmp_path / "img", cats)
     assert [r.image_id for r in records] == [7] and records[0].boxes.shape == (0, 4)
+    unl.write_text(json.dumps({"images": [{"id": 7, "file_name": "b.jpg"}], "annotations": [], "categories": []}))
+    assert len(load_coco_records(unl, tmp_path / "img", cats)[0]) == 1  # an empty list, like none
 
 
 def test_boxes_outside_their_image_are_counted_and_reported(tmp_path, caplog):

@@ -170,7 +170,7 @@ def load_coco_records(
     """
     json_path = Path(json_path)
     data = read_json(json_path)
-    has_cats = "categories" in data
+    has_cats = bool(data.get("categories"))  # an empty list, like none, means: the reference categories
     own = read_categories(json_path, data) if has_cats or categories is None else None
     if categories is None:
         categories = own

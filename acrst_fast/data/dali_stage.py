@@ -160,7 +160,8 @@ class DaliStream:
         self.records, self.aug, self.views, self.train, self.with_boxes = records, aug, views, train, with_boxes
         self.batch, self.seed, self.stream, self.rank, self.world = batch, seed, stream, rank, world
         self.policy = policy
-        self.runner = DaliRunner(batch, device_id, seed * 1000 + stream * 10 + rank, threads, views, policy)
+        # each iterator gets its own runner (pipeline): iterators run ahead in threads of their own
+        self._runner_args = (batch, device_id, seed * 1000 + stream * 10 + rank, threads, views, policy)
 
     def _item(self, index: int, seed: int) -> dict:
         rec = self.records[index]
@@ -179,6 +180,7 @@ class DaliStream:
             return
         sampler = iter(ShardedStreamSampler(len(self.records), self.seed, self.stream, self.rank, self.world,
                                             start=start_step * self.batch, infinite=infinite))
+        runner = DaliRunner(*self._runner_args)
         while True:
             keys = [k for _, k in zip(range(self.batch), sampler)]
             if not keys:
@@ -189,7 +191,7 @@ class DaliStream:
                     items.append(self._item(index, seed))
                 except DataError as err:
                     self.policy.report(str(err))
-            items, views = self.runner.run(items)
+            items, views = runner.run(items)
             if not items:
                 continue
             yield Batch(image_ids=[it["record"].image_id for it in items], weak=views.get("weak", []),
@@ -247,8 +249,12 @@ def run_ahead(batches: Iterator[Batch], depth: int = PREFETCH_DEPTH) -> Iterator
     producer (a bad image with data.bad_images=fail) is raised in the consumer."""
     done, out = object(), queue.Queue(maxsize=depth)
     stop = threading.Event()
+    # the CUDA device is per thread: the producer works on the consumer's (torch.cuda.set_device(local_rank))
+    device = torch.cuda.current_device() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
 
     def produce() -> None:
+        if device is not None:
+            torch.cuda.set_device(device)
         try:
             for batch in batches:
                 while not stop.is_set():
