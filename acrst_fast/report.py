@@ -256,7 +256,7 @@ def fig_paste_grid(run_dir: Path, out: Path, n_images: int = 6) -> tuple[str | N
 
     from acrst_fast.data.loader import DetectionViews
     from acrst_fast.engine import checkpoint as ckpt
-    from acrst_fast.train import build_acrst
+    from acrst_fast.engine.build import build_acrst
 
     acrst = build_acrst(cfg, data.categories.num_classes, torch.device("cpu"))
     latest = ckpt.latest_checkpoint(run_dir)

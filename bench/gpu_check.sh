@@ -205,7 +205,7 @@ def _tiny_runner(b=4, **solver):
     from acrst_fast.config import DemoDataConfig, load_config
     from acrst_fast.data.build import load_datasets, resolved_data
     from acrst_fast.data.demo import generate
-    from acrst_fast.train import build_runner
+    from acrst_fast.engine.build import build_runner
     root = WORK / "demo"
     if not (root / "labeled.json").is_file():
         generate(root, DemoDataConfig(num_labeled=16, num_unlabeled=16, num_val=8, image_size=96, num_classes=4, seed=3))

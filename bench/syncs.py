@@ -25,7 +25,7 @@ from acrst_fast.config import load_config
 from acrst_fast.data.build import load_datasets, prepare_data, resolved_data
 from acrst_fast.engine.trainer import Trainer
 from acrst_fast.syncs import SyncCounter, _site
-from acrst_fast.train import build_runner
+from acrst_fast.engine.build import build_runner
 
 REPO = Path(__file__).resolve().parents[1]
 

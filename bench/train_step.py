@@ -34,7 +34,7 @@ from _timing import describe, sync
 from acrst_fast import dist
 from acrst_fast.config import load_config
 from acrst_fast.data.build import load_datasets, prepare_data, resolved_data
-from acrst_fast.train import build_runner
+from acrst_fast.engine.build import build_runner
 
 REPO = Path(__file__).resolve().parents[1]
 PARTS = [("data wait", "data"), ("teacher forward", "teacher_only"), ("pseudo recall", "acrst_pr"),

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from acrst_fast.augment.paste import OP_H, OP_IMAGE, OP_SLOT, OP_W
+from acrst_fast.kernels.op_table import OP_H, OP_IMAGE, OP_SLOT, OP_W
 
 BLOCK_H, BLOCK_W = 16, 32
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

@@ -21,9 +21,8 @@ from dataclasses import dataclass
 import torch
 
 from acrst_fast.augment.host import mark_host
-
-# columns of the op table, Tensor[P, 7] int64
-OP_IMAGE, OP_SLOT, OP_X0, OP_Y0, OP_H, OP_W, OP_FLIP = range(7)
+# columns of the op table, Tensor[P, 7] int64 (defined below the kernels, which read it too)
+from acrst_fast.kernels.op_table import OP_FLIP, OP_H, OP_IMAGE, OP_SLOT, OP_W, OP_X0, OP_Y0  # noqa: F401
 
 
 @dataclass

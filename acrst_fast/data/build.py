@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from acrst_fast.config import Config, DataConfig
-from acrst_fast.data.coco import Categories, DataError, ImageRecord, load_coco_records, load_folder_records
+from acrst_fast.data.coco import Categories, ImageRecord, load_coco_records, load_folder_records
 from acrst_fast.data.demo import generate
 from acrst_fast.data.splits import standard_split_paths, write_standard_split
 
@@ -54,32 +54,3 @@ def load_datasets(d: DataConfig) -> Datasets:
         unlabeled = []
     val, _ = load_coco_records(d.val_json, d.val_images, categories)
     return Datasets(labeled, unlabeled, val, categories)
-
-
-def find_header_problems(datasets: Datasets, bad_images: str, threads: int = 8) -> dict[str, list[tuple[int, str]]]:
-    """Header-check every image before training (`data.check.header_problems`): split -> [(index, problem)].
-
-    bad_images `fail`: the first problem is a DataError that also counts the others. With `skip`,
-    problems of labeled and unlabeled images are returned (`drop_bad_images` drops them); a
-    validation image with a problem still fails, so evaluation always covers the whole set.
-    """
-    from acrst_fast.data.check import header_problems
-
-    found = {}
-    for split in ("labeled", "unlabeled", "val"):
-        problems = header_problems(getattr(datasets, split), threads)
-        if problems and (bad_images == "fail" or split == "val"):
-            more = f"; {len(problems) - 1} more {split} images have problems" if len(problems) > 1 else ""
-            raise DataError(f"{problems[0][1]}{more} (list them all: python -m acrst_fast.data.check CONFIG)")
-        found[split] = problems
-    return found
-
-
-def drop_bad_images(datasets: Datasets, problems: dict[str, list[tuple[int, str]]]) -> tuple[Datasets, list[str]]:
-    """`datasets` without the records `find_header_problems` listed, and one line per dropped image."""
-    kept, dropped = {}, []
-    for split, found in problems.items():
-        bad = {i for i, _ in found}
-        kept[split] = [r for i, r in enumerate(getattr(datasets, split)) if i not in bad]
-        dropped += [f"{split}: {p}" for _, p in found]
-    return dataclasses.replace(datasets, **kept), dropped

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from typing import TYPE_CHECKING
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
@@ -22,6 +23,9 @@ from tqdm import tqdm
 from acrst_fast.config import check_paths, load_config
 from acrst_fast.data.coco import DataError, ImageRecord, decode_image
 from acrst_fast.errors import cli_main
+
+if TYPE_CHECKING:
+    from acrst_fast.data.build import Datasets
 
 FORMATS = ("JPEG", "PNG", "BMP", "WEBP", "GIF", "TIFF", "MPO")
 MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "I", "I;16", "I;16L", "I;16B", "I;16N")
@@ -51,6 +55,33 @@ def header_problems(records: list[ImageRecord], threads: int = 8) -> list[tuple[
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         found = pool.map(header_problem, records, chunksize=64)
         return [(i, p) for i, p in enumerate(found) if p is not None]
+
+
+def find_header_problems(datasets: Datasets, bad_images: str, threads: int = 8) -> dict[str, list[tuple[int, str]]]:
+    """Header-check every image before training (`data.check.header_problems`): split -> [(index, problem)].
+
+    bad_images `fail`: the first problem is a DataError that also counts the others. With `skip`,
+    problems of labeled and unlabeled images are returned (`drop_bad_images` drops them); a
+    validation image with a problem still fails, so evaluation always covers the whole set.
+    """
+    found = {}
+    for split in ("labeled", "unlabeled", "val"):
+        problems = header_problems(getattr(datasets, split), threads)
+        if problems and (bad_images == "fail" or split == "val"):
+            more = f"; {len(problems) - 1} more {split} images have problems" if len(problems) > 1 else ""
+            raise DataError(f"{problems[0][1]}{more} (list them all: python -m acrst_fast.data.check CONFIG)")
+        found[split] = problems
+    return found
+
+
+def drop_bad_images(datasets: Datasets, problems: dict[str, list[tuple[int, str]]]) -> tuple[Datasets, list[str]]:
+    """`datasets` without the records `find_header_problems` listed, and one line per dropped image."""
+    kept, dropped = {}, []
+    for split, found in problems.items():
+        bad = {i for i, _ in found}
+        kept[split] = [r for i, r in enumerate(getattr(datasets, split)) if i not in bad]
+        dropped += [f"{split}: {p}" for _, p in found]
+    return dataclasses.replace(datasets, **kept), dropped
 
 
 def decode_problems(records: list[ImageRecord], desc: str) -> list[str]:

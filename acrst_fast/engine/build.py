@@ -1,0 +1,88 @@
+"""Build what a training run is made of, from its config: the detector runner (student, optimizer,
+data stage, ACRST, SSMLL classifier) of one rank. The command-line modules and the benches call
+these; nothing here reads the command line or writes files.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from acrst_fast import dist
+from acrst_fast.augment import ACRST, PasteConfig, class_histogram
+from acrst_fast.config import Config, ConfigError
+from acrst_fast.data.dali_stage import DaliDataStage
+from acrst_fast.data.loader import TorchDataStage
+from acrst_fast.engine.mean_teacher import MeanTeacher, StudentLosses
+from acrst_fast.models.detector import build_detector
+from acrst_fast.ssmll.model import load_classifier
+
+
+def _per_rank(total: int, world: int, key: str, source: str) -> int:
+    if total % world:
+        raise ConfigError(f"{source}: key '{key}' ({total}) must be divisible by the number of processes ({world})")
+    return total // world
+
+
+def build_acrst(cfg: Config, num_classes: int, device: torch.device) -> ACRST:
+    a = cfg.acrst
+    paste = PasteConfig(n_min=a.n_range[0], n_max=a.n_range[1], scale_min=a.scale_range[0],
+                        scale_max=a.scale_range[1], flip_prob=a.flip_prob, min_size=a.min_size,
+                        visibility_threshold=a.visibility_threshold)
+    return ACRST(num_classes, capacity=a.capacity_per_class, crop_size=a.crop_size, paste=paste, beta=a.beta,
+                 pr_window=a.pr_window, pr_threshold=a.pr_threshold, sources=tuple(a.banks), device=device)
+
+
+def class_counts(records, num_classes: int) -> torch.Tensor:
+    """Ground-truth boxes per class (Tensor[K] float64) over the labeled records."""
+    labels = [torch.from_numpy(r.labels) for r in records]
+    return class_histogram(torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64), num_classes)
+
+
+def build_runner(cfg: Config, datasets, info, source: str,
+                 labeled_counts: torch.Tensor | None = None) -> tuple[MeanTeacher, TorchDataStage | DaliDataStage]:
+    """Student, optimizer, data stage, ACRST (when `acrst.fbr`) and the Mean Teacher runner of one rank.
+
+    datasets: `load_datasets(...)`; info: `dist.init()`'s rank/world/device; source: the config's
+    name for error messages. The bench scripts build their runner here too.
+    """
+    torch.manual_seed(cfg.run.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
+    student = build_detector(cfg.model, datasets.categories.num_classes).to(info.device)
+    if cfg.solver.channels_last:
+        student = student.to(memory_format=torch.channels_last)
+    torch.manual_seed(cfg.run.seed + 1000 * info.rank)  # per-rank streams for the RoI/RPN samplers
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=cfg.solver.lr, momentum=cfg.solver.momentum,
+                                weight_decay=cfg.solver.weight_decay)
+    losses = StudentLosses(student)
+    if info.world > 1:  # frozen-BN buffers never change: no per-forward buffer broadcast
+        losses = DistributedDataParallel(losses, device_ids=[info.local_rank] if info.device.type == "cuda" else None,
+                                         process_group=dist.device_group(info.device), broadcast_buffers=False)
+    batch_labeled = _per_rank(cfg.solver.batch_labeled, info.world, "solver.batch_labeled", source)
+    stage_args = dict(
+        batch_labeled=batch_labeled,
+        batch_unlabeled=_per_rank(cfg.solver.batch_unlabeled, info.world, "solver.batch_unlabeled", source),
+        seed=cfg.run.seed, rank=info.rank, world=info.world, bad_images=cfg.data.bad_images,
+        labeled_views=("weak", "strong") if cfg.acrst.fbr else ("strong",))
+    if cfg.data.pipeline == "dali":
+        device_id = info.device.index if info.device.type == "cuda" else None
+        stage = DaliDataStage(datasets.labeled, datasets.unlabeled, datasets.val, cfg.augment, device_id=device_id,
+                              threads=max(1, cfg.data.num_workers), **stage_args)
+    else:
+        stage = TorchDataStage(datasets.labeled, datasets.unlabeled, datasets.val, cfg.augment,
+                               num_workers=cfg.data.num_workers,
+                               view_device=info.device if info.device.type == "cuda" else None, **stage_args)
+    acrst = build_acrst(cfg, datasets.categories.num_classes, info.device) if cfg.acrst.fbr else None
+    classifier, classifier_size = None, 0
+    if cfg.ssmll.filter != "single":
+        classifier, classifier_size = load_classifier(cfg.ssmll.checkpoint, datasets.categories.names, info.device)
+    shard = math.ceil(len(datasets.labeled) / info.world)
+    runner = MeanTeacher(cfg, student, losses, optimizer, stage, info.device, acrst=acrst,
+                         labeled_bank_steps=math.ceil(shard / batch_labeled),
+                         class_names=datasets.categories.names,
+                         gt_class_counts=labeled_counts,
+                         rank=info.rank, world=info.world,
+                         hidden_gt=any(len(r.boxes) for r in datasets.unlabeled),
+                         classifier=classifier, classifier_size=classifier_size)
+    return runner, stage
