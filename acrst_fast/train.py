@@ -171,7 +171,11 @@ def run(cfg: Config, source: str, resume: bool, info: dist.DistInfo, resume_from
     try:
         trainer.train()
     except TrainingDiverged as exc:
-        raise Diverged(f"training diverged: {exc}. {guard.advice(cfg.solver.lr)}") from None
+        _say_then_leave_together(f"error: training diverged: {exc}. {guard.advice(cfg.solver.lr)}")
+        raise Diverged(str(exc)) from None
+    except TrainingInterrupted as exc:
+        _say_then_leave_together(f"interrupted: {exc}; continue with --resume")
+        raise
     finally:
         writer.close()
     summary = summarize(eval_hook.history, datasets.categories.names)
@@ -182,6 +186,13 @@ def run(cfg: Config, source: str, resume: bool, info: dist.DistInfo, resume_from
         echo(format_summary(summary, run_dir))
     dist.barrier()  # ranks leave together: no rank tears down the process group while rank 0 still writes
     return summary
+
+
+def _say_then_leave_together(message: str) -> None:
+    """Every rank prints its line, then waits for the others: under torchrun the first rank to exit
+    makes the launcher terminate the rest, so no rank may leave before every rank has spoken."""
+    print(message, file=sys.stderr, flush=True)
+    dist.barrier()
 
 
 def refresh_report(run_dir: Path) -> None:
@@ -249,11 +260,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except UserError as exc:
         return report_error(exc)
-    except Diverged as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+    except Diverged:  # its message is printed by every rank in run()
         return 3
-    except TrainingInterrupted as exc:
-        print(f"interrupted: {exc}; continue with --resume", file=sys.stderr, flush=True)
+    except TrainingInterrupted:
         return 130
     finally:
         dist.shutdown()
