@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from acrst_fast.errors import UserError
 
+import argparse
 import dataclasses
 import difflib
 import re
@@ -247,6 +248,15 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Confi
     _check_values(cfg, str(path))
     check_device(cfg, str(path))
     return cfg
+
+
+def config_argparser(prog: str, description: str | None, example: str = "solver.lr=0.02") -> argparse.ArgumentParser:
+    """The command line every config-driven tool takes: CONFIG [KEY=VALUE ...] (parse it with
+    `parse_intermixed_args`, so options may stand between the overrides)."""
+    ap = argparse.ArgumentParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("config", help="YAML config file")
+    ap.add_argument("overrides", nargs="*", help=f"dotted KEY=VALUE overrides, e.g. {example}")
+    return ap
 
 
 def config_to_dict(cfg: Any) -> dict:

@@ -18,7 +18,9 @@ from pathlib import Path
 import torch
 
 from acrst_fast import dist
-from acrst_fast.config import Config, ConfigError, check_paths, config_to_dict, dump_config, load_config
+from acrst_fast.config import (
+    Config, ConfigError, check_paths, config_argparser, config_to_dict, dump_config, load_config,
+)
 from acrst_fast.data.build import load_datasets, prepare_data, resolved_data
 from acrst_fast.data.check import drop_bad_images, find_header_problems
 from acrst_fast.data.coco import DataError
@@ -37,10 +39,7 @@ log = logging.getLogger("acrst_fast")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m acrst_fast.train", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("config", help="YAML config file")
-    ap.add_argument("overrides", nargs="*", help="dotted KEY=VALUE overrides, e.g. solver.lr=0.02")
+    ap = config_argparser("python -m acrst_fast.train", __doc__)
     ap.add_argument("--resume", action="store_true",
                     help="continue from the newest readable checkpoint in run.output_dir")
     ap.add_argument("--resume-from", metavar="CKPT", default=None,

@@ -15,7 +15,6 @@ ground truth, on it) and ssmll_teacher.pt, the file the detector's `ssmll.checkp
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import json
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from acrst_fast.config import Config, ConfigError, check_paths, load_config
+from acrst_fast.config import Config, ConfigError, check_paths, config_argparser, load_config
 from acrst_fast.data.build import load_datasets, prepare_data, resolved_data
 from acrst_fast.data.coco import DataError
 from acrst_fast.engine import checkpoint as ckpt
@@ -207,10 +206,7 @@ def train(cfg: Config, source: str, resume: bool) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m acrst_fast.train_ssmll", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("config")
-    ap.add_argument("overrides", nargs="*", help="dotted KEY=VALUE overrides, e.g. ssmll.total_steps=100")
+    ap = config_argparser("python -m acrst_fast.train_ssmll", __doc__, example="ssmll.total_steps=100")
     ap.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in ssmll.output_dir")
     args = ap.parse_intermixed_args(argv)
     try:

@@ -16,7 +16,7 @@ boundary. Prints the median milliseconds of each part and its share of the step:
   paste             crop pixels into the images (ACRST; Triton on CUDA)
   student fwd/bwd   student losses, backward, optimizer step
   EMA               teacher update
-  other             pseudo-label metrics, labeled crops into the bank (first pass only)
+  other             the rest of the step (diagnostics snapshots; labeled crops into the bank, first pass only)
 and ACRST's extra work (PR + bank + planning + paste) as a share of the whole step.
 """
 from __future__ import annotations
@@ -72,7 +72,7 @@ def main() -> None:
         sec = dict(out.seconds, ema=time.perf_counter() - t0)
         # observe_teacher (PR + bank) runs inside the teacher section: take it out
         sec["teacher_only"] = sec["teacher"] - sec.get("acrst_pr", 0.0) - sec.get("acrst_bank", 0.0)
-        sec["step"] = sum(v for k, v in sec.items() if k in {"data", "teacher", "acrst", "metrics", "student", "ema"})
+        sec["step"] = sum(v for k, v in sec.items() if k in {"data", "teacher", "acrst", "student", "ema"})
         if out.phase == "mutual" and step > args.warmup:
             rows.append(sec)
     med = {k: statistics.median(r.get(k, 0.0) for r in rows) * 1e3 for k in rows[0]}
@@ -83,7 +83,7 @@ def main() -> None:
     for name, key in PARTS:
         print(f"{name:>18} {med.get(key, 0.0):9.2f} {med.get(key, 0.0) / med['step']:7.1%}")
     other = med["step"] - sum(med.get(k, 0.0) for _, k in PARTS)
-    print(f"{'other (metrics)':>18} {other:9.2f} {other / med['step']:7.1%}")
+    print(f"{'other':>18} {other:9.2f} {other / med['step']:7.1%}")
     print(f"{'step':>18} {med['step']:9.2f} {1:7.1%}")
     extra = sum(med.get(k, 0.0) for k in ACRST_PARTS)
     print(f"ACRST extra work (PR + bank + planning + paste): {extra:.2f} ms = {extra / med['step']:.1%} of the step")

@@ -151,14 +151,12 @@ class ACRST:
         boxes = up[:4 * n_box].reshape(-1, 4).split(per_image)
         labels = up[4 * n_box:5 * n_box].long().split(per_image)
         pasted = (up[5 * n_box:] > 0).split(per_image)
-        out, self.pasted_per_image, at = [], [], 0
-        for (ims, _, _, _), plan, o in zip(batches, plans, offsets[:-1]):
+        out, self.pasted_per_image = [], []
+        for (ims, _, _, _), plan, o in zip(batches, plans, offsets[:-1]):  # o: the batch's first image
             n = len(ims)
             self.last_pasted_per_image = len(plan.ops) / max(1, n)
             self.pasted_per_image.append(self.last_pasted_per_image)
-            out.append((pasted_images[o:o + n], list(boxes[at:at + n]), list(labels[at:at + n]),
-                        list(pasted[at:at + n])))
-            at += n
+            out.append((pasted_images[o:o + n], list(boxes[o:o + n]), list(labels[o:o + n]), list(pasted[o:o + n])))
         return out
 
     def diagnostics(self, gt_class_counts: torch.Tensor | None = None) -> dict[str, torch.Tensor | float]:

@@ -11,7 +11,6 @@ It exits 0 when every image decodes, 2 otherwise (one line per problem on stderr
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from typing import TYPE_CHECKING
 import sys
@@ -20,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from acrst_fast.config import check_paths, load_config
+from acrst_fast.config import check_paths, config_argparser, load_config
 from acrst_fast.data.coco import DataError, ImageRecord, decode_image
 from acrst_fast.errors import cli_main
 
@@ -100,10 +99,7 @@ def decode_problems(records: list[ImageRecord], desc: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m acrst_fast.data.check", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("config")
-    ap.add_argument("overrides", nargs="*", help="dotted KEY=VALUE overrides")
+    ap = config_argparser("python -m acrst_fast.data.check", __doc__)
     args = ap.parse_intermixed_args(argv)
 
     def body() -> int:

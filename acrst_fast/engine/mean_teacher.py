@@ -253,7 +253,7 @@ class MeanTeacher:
             images=len(lab) + n_unl,
             pseudo_per_image=(sum(len(p["boxes"]) for p in pseudo) / max(1, n_unl)) if pseudo is not None else 0.0,
             seconds={"data": t_data - t0, "teacher": t_teacher - t_data, "acrst": t_paste - t_teacher,
-                     "metrics": 0.0, "student": t_end - t_paste,
+                     "student": t_end - t_paste,
                      **({f"acrst_{k}": v for k, v in self.acrst.pop_seconds().items()} if self.acrst else {})},
             extras=extras,
             deferred=deferred,

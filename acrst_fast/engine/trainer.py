@@ -44,8 +44,8 @@ class HookBase:
 class Trainer:
     """Runs `run_step(step)` from `start_step` to `total_steps`, calling hooks in order.
 
-    `run_step` returns an object with `total` (this rank's loss, a float) and `describe()` (the
-    loss terms, for the divergence message). `request_stop()` (the CLI calls it on SIGTERM or
+    `run_step` returns an object with `total` (this rank's loss, a float or a 0-dim tensor on the
+    device) and `describe()` (the loss terms, for the divergence message). `request_stop()` (the CLI calls it on SIGTERM or
     SIGINT) is honoured at the next step boundary on every rank. `trainer.losses` holds the
     finished step's loss of every rank (a list, rank order).
     """
