@@ -22,10 +22,11 @@ from typing import Any
 
 import yaml
 
+from acrst_fast.augment.cropbank import SOURCES as BANK_SOURCES
+from acrst_fast.engine.amp import AMP_MODES
+from acrst_fast.pseudo_labels import MODES as FILTER_MODES
 
-BACKBONES = ("resnet50", "resnet18", "mobilenet_v2")
-AMP_MODES = ("auto", "off", "bf16", "fp16")
-FILTER_MODES = ("single", "two_stage", "mining")
+BACKBONES = ("resnet50", "resnet18", "mobilenet_v2")  # model.backbone, ssmll.backbone (models/ build them)
 
 
 class ConfigError(UserError):
@@ -390,14 +391,17 @@ def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
     raise ConfigError(f"{source}: key '{key}' has unsupported type {tp}")  # a bug in this module
 
 
-def _check_values(cfg: Config, source: str) -> None:
-    """Range and consistency checks that types alone cannot express: every numeric key has a range."""
+class _Checks:
+    """The range checks of one config file: each failure is a ConfigError naming the file and the key."""
 
-    def need(ok: bool, key: str, msg: str) -> None:
+    def __init__(self, source: str):
+        self.source = source
+
+    def need(self, ok: bool, key: str, msg: str) -> None:
         if not ok:
-            raise ConfigError(f"{source}: key '{key}' {msg}")
+            raise ConfigError(f"{self.source}: key '{key}' {msg}")
 
-    def within(key: str, value: float, lo: float | None = None, hi: float | None = None,
+    def within(self, key: str, value: float, lo: float | None = None, hi: float | None = None,
                lo_open: bool = False, hi_open: bool = False) -> None:
         ok = (lo is None or (value > lo if lo_open else value >= lo)) and \
              (hi is None or (value < hi if hi_open else value <= hi))
@@ -408,130 +412,163 @@ def _check_values(cfg: Config, source: str) -> None:
                 allowed = f"{'<' if hi_open else '<='} {hi:g}"
             else:
                 allowed = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
-            need(False, key, f"must be {allowed}; got {value!r}")
+            self.need(False, key, f"must be {allowed}; got {value!r}")
 
-    def prob(key: str, value: float) -> None:
-        within(key, value, 0.0, 1.0)
+    def prob(self, key: str, value: float) -> None:
+        self.within(key, value, 0.0, 1.0)
 
-    def one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
-        need(value in allowed, key, f"must be one of {', '.join(allowed)}; got '{value}'")
+    def one_of(self, key: str, value: str, allowed: tuple[str, ...]) -> None:
+        self.need(value in allowed, key, f"must be one of {', '.join(allowed)}; got '{value}'")
 
-    s, m, a, d, r, m2, run = cfg.solver, cfg.model, cfg.augment, cfg.data, cfg.acrst, cfg.ssmll, cfg.run
+
+def _check_values(cfg: Config, source: str) -> None:
+    """Range and consistency checks that types alone cannot express: every numeric key has a range."""
+    c = _Checks(source)
+    for check in (_check_solver, _check_model, _check_augment, _check_data, _check_acrst, _check_ssmll, _check_run):
+        check(c, cfg)
+
+
+def _check_solver(c: _Checks, cfg: Config) -> None:
+    s = cfg.solver
     # solver
-    within("solver.total_steps", s.total_steps, 1)
-    within("solver.pretrain_steps", s.pretrain_steps, 0, s.total_steps)
-    within("solver.batch_labeled", s.batch_labeled, 1)
-    within("solver.batch_unlabeled", s.batch_unlabeled, 1)
-    within("solver.lr", s.lr, 0.0, lo_open=True)
-    within("solver.momentum", s.momentum, 0.0, 1.0, hi_open=True)
-    within("solver.weight_decay", s.weight_decay, 0.0)
-    within("solver.warmup_steps", s.warmup_steps, 0)
-    within("solver.warmup_factor", s.warmup_factor, 0.0, 1.0, lo_open=True)
-    within("solver.lr_gamma", s.lr_gamma, 0.0, 1.0, lo_open=True)
-    within("solver.grad_clip_norm", s.grad_clip_norm, 0.0)
-    need(list(s.lr_steps) == sorted(s.lr_steps) and all(x > 0 for x in s.lr_steps), "solver.lr_steps",
-         f"must be increasing positive steps; got {s.lr_steps}")
-    one_of("solver.amp", s.amp, AMP_MODES)
-    within("solver.divergence_check_steps", s.divergence_check_steps, 1)
-    within("solver.divergence_factor", s.divergence_factor, 1.0, lo_open=True)
+    c.within("solver.total_steps", s.total_steps, 1)
+    c.within("solver.pretrain_steps", s.pretrain_steps, 0, s.total_steps)
+    c.within("solver.batch_labeled", s.batch_labeled, 1)
+    c.within("solver.batch_unlabeled", s.batch_unlabeled, 1)
+    c.within("solver.lr", s.lr, 0.0, lo_open=True)
+    c.within("solver.momentum", s.momentum, 0.0, 1.0, hi_open=True)
+    c.within("solver.weight_decay", s.weight_decay, 0.0)
+    c.within("solver.warmup_steps", s.warmup_steps, 0)
+    c.within("solver.warmup_factor", s.warmup_factor, 0.0, 1.0, lo_open=True)
+    c.within("solver.lr_gamma", s.lr_gamma, 0.0, 1.0, lo_open=True)
+    c.within("solver.grad_clip_norm", s.grad_clip_norm, 0.0)
+    c.need(list(s.lr_steps) == sorted(s.lr_steps) and all(x > 0 for x in s.lr_steps), "solver.lr_steps",
+           f"must be increasing positive steps; got {s.lr_steps}")
+    c.one_of("solver.amp", s.amp, AMP_MODES)
+    c.within("solver.divergence_check_steps", s.divergence_check_steps, 1)
+    c.within("solver.divergence_factor", s.divergence_factor, 1.0, lo_open=True)
     # mean teacher
-    within("mean_teacher.ema_decay", cfg.mean_teacher.ema_decay, 0.0, 1.0, hi_open=True)
-    prob("mean_teacher.tau_cls", cfg.mean_teacher.tau_cls)
-    within("mean_teacher.lambda_unsup", cfg.mean_teacher.lambda_unsup, 0.0)
+    c.within("mean_teacher.ema_decay", cfg.mean_teacher.ema_decay, 0.0, 1.0, hi_open=True)
+    c.prob("mean_teacher.tau_cls", cfg.mean_teacher.tau_cls)
+    c.within("mean_teacher.lambda_unsup", cfg.mean_teacher.lambda_unsup, 0.0)
+
+
+def _check_model(c: _Checks, cfg: Config) -> None:
+    m = cfg.model
     # model
-    one_of("model.backbone", m.backbone, BACKBONES)
-    within("model.trainable_backbone_layers", m.trainable_backbone_layers, 0, 5)
-    within("model.fpn_channels", m.fpn_channels, 1)
-    within("model.representation_size", m.representation_size, 1)
-    need(len(m.anchor_sizes) == 5 and all(x > 0 for x in m.anchor_sizes), "model.anchor_sizes",
-         f"must list 5 positive sizes (one per FPN level); got {m.anchor_sizes}")
+    c.one_of("model.backbone", m.backbone, BACKBONES)
+    c.within("model.trainable_backbone_layers", m.trainable_backbone_layers, 0, 5)
+    c.within("model.fpn_channels", m.fpn_channels, 1)
+    c.within("model.representation_size", m.representation_size, 1)
+    c.need(len(m.anchor_sizes) == 5 and all(x > 0 for x in m.anchor_sizes), "model.anchor_sizes",
+           f"must list 5 positive sizes (one per FPN level); got {m.anchor_sizes}")
     for key in ("rpn_pre_nms_top_n_train", "rpn_post_nms_top_n_train", "rpn_pre_nms_top_n_test",
                 "rpn_post_nms_top_n_test", "rpn_batch_size_per_image", "box_batch_size_per_image",
                 "box_detections_per_img"):
-        within(f"model.{key}", getattr(m, key), 1)
-    within("model.roi_sampling_ratio", m.roi_sampling_ratio, 0)
-    prob("model.box_score_thresh", m.box_score_thresh)
+        c.within(f"model.{key}", getattr(m, key), 1)
+    c.within("model.roi_sampling_ratio", m.roi_sampling_ratio, 0)
+    c.prob("model.box_score_thresh", m.box_score_thresh)
+
+
+def _check_augment(c: _Checks, cfg: Config) -> None:
+    a = cfg.augment
     # augmentation
-    need(len(a.scales) > 0 and all(x > 0 for x in a.scales), "augment.scales",
-         f"must be a non-empty list of positive sizes; got {a.scales}")
-    within("augment.max_size", a.max_size, max(a.scales))
-    within("augment.test_scale", a.test_scale, 1, a.max_size)
+    c.need(len(a.scales) > 0 and all(x > 0 for x in a.scales), "augment.scales",
+           f"must be a non-empty list of positive sizes; got {a.scales}")
+    c.within("augment.max_size", a.max_size, max(a.scales))
+    c.within("augment.test_scale", a.test_scale, 1, a.max_size)
     for key in ("flip_prob", "crop_prob", "jitter_prob", "grayscale_prob", "blur_prob"):
-        prob(f"augment.{key}", getattr(a, key))
-    within("augment.crop_min_frac", a.crop_min_frac, 0.0, 1.0, lo_open=True)
-    need(len(a.jitter) == 4, "augment.jitter", f"must be [brightness, contrast, saturation, hue]; got {a.jitter}")
+        c.prob(f"augment.{key}", getattr(a, key))
+    c.within("augment.crop_min_frac", a.crop_min_frac, 0.0, 1.0, lo_open=True)
+    c.need(len(a.jitter) == 4, "augment.jitter", f"must be [brightness, contrast, saturation, hue]; got {a.jitter}")
     for name, value in zip(("brightness", "contrast", "saturation"), a.jitter):
-        within(f"augment.jitter ({name})", value, 0.0, 1.0)
-    within("augment.jitter (hue)", a.jitter[3], 0.0, 0.5)
-    need(len(a.blur_sigma) == 2 and 0 < a.blur_sigma[0] <= a.blur_sigma[1], "augment.blur_sigma",
-         f"must be [min, max] with 0 < min <= max; got {a.blur_sigma}")
-    need(all(len(c) == 3 and 0 <= c[0] <= 1 and 0 < c[1] <= c[2] < 1 for c in a.cutout), "augment.cutout",
-         f"entries must be [prob in [0, 1], min_area, max_area] with 0 < min_area <= max_area < 1; got {a.cutout}")
+        c.within(f"augment.jitter ({name})", value, 0.0, 1.0)
+    c.within("augment.jitter (hue)", a.jitter[3], 0.0, 0.5)
+    c.need(len(a.blur_sigma) == 2 and 0 < a.blur_sigma[0] <= a.blur_sigma[1], "augment.blur_sigma",
+           f"must be [min, max] with 0 < min <= max; got {a.blur_sigma}")
+    c.need(all(len(c) == 3 and 0 <= c[0] <= 1 and 0 < c[1] <= c[2] < 1 for c in a.cutout), "augment.cutout",
+           f"entries must be [prob in [0, 1], min_area, max_area] with 0 < min_area <= max_area < 1; got {a.cutout}")
+
+
+def _check_data(c: _Checks, cfg: Config) -> None:
+    s, d = cfg.solver, cfg.data
     # data
-    one_of("data.pipeline", d.pipeline, ("torch", "dali"))
-    one_of("data.bad_images", d.bad_images, ("fail", "skip"))
-    within("data.num_workers", d.num_workers, 0)
-    within("data.split_percent", d.split_percent, 0.0, 100.0)
-    within("data.split_fold", d.split_fold, 1)
-    need(bool(d.val_json), "data.val_json", "must be set")
-    need(bool(d.train_json), "data.train_json", "must be set")
+    c.one_of("data.pipeline", d.pipeline, ("torch", "dali"))
+    c.one_of("data.bad_images", d.bad_images, ("fail", "skip"))
+    c.within("data.num_workers", d.num_workers, 0)
+    c.within("data.split_percent", d.split_percent, 0.0, 100.0)
+    c.within("data.split_fold", d.split_fold, 1)
+    c.need(bool(d.val_json), "data.val_json", "must be set")
+    c.need(bool(d.train_json), "data.train_json", "must be set")
     if s.total_steps > s.pretrain_steps:
-        need(bool(d.unlabeled_json or d.unlabeled_images or d.split_percent > 0), "data.unlabeled_json",
-             "or data.unlabeled_images or data.split_percent must be set for mutual learning")
+        c.need(bool(d.unlabeled_json or d.unlabeled_images or d.split_percent > 0), "data.unlabeled_json",
+               "or data.unlabeled_images or data.split_percent must be set for mutual learning")
     if d.demo is not None:
-        within("data.demo.num_labeled", d.demo.num_labeled, 1)
-        within("data.demo.num_unlabeled", d.demo.num_unlabeled, 0)
-        within("data.demo.num_val", d.demo.num_val, 1)
-        within("data.demo.image_size", d.demo.image_size, 32)
-        within("data.demo.num_classes", d.demo.num_classes, 1, 8)
-        within("data.demo.imbalance", d.demo.imbalance, 0.0)
-        within("data.demo.max_objects", d.demo.max_objects, 1)
+        c.within("data.demo.num_labeled", d.demo.num_labeled, 1)
+        c.within("data.demo.num_unlabeled", d.demo.num_unlabeled, 0)
+        c.within("data.demo.num_val", d.demo.num_val, 1)
+        c.within("data.demo.image_size", d.demo.image_size, 32)
+        c.within("data.demo.num_classes", d.demo.num_classes, 1, 8)
+        c.within("data.demo.imbalance", d.demo.imbalance, 0.0)
+        c.within("data.demo.max_objects", d.demo.max_objects, 1)
+
+
+def _check_acrst(c: _Checks, cfg: Config) -> None:
+    r = cfg.acrst
     # ACRST
-    need(len(r.n_range) == 2 and 0 <= r.n_range[0] <= r.n_range[1], "acrst.n_range",
-         f"must be [N_min, N_max] with 0 <= N_min <= N_max; got {r.n_range}")
-    need(len(r.scale_range) == 2 and 0 < r.scale_range[0] <= r.scale_range[1], "acrst.scale_range",
-         f"must be [min, max] with 0 < min <= max; got {r.scale_range}")
-    need(len(r.banks) > 0 and set(r.banks) <= {"labeled", "pseudo"}, "acrst.banks",
-         f"must be a non-empty subset of [labeled, pseudo]; got {r.banks}")
-    within("acrst.beta", r.beta, 0.0)
-    prob("acrst.flip_prob", r.flip_prob)
-    within("acrst.min_size", r.min_size, 1)
-    within("acrst.visibility_threshold", r.visibility_threshold, 0.0, 1.0, hi_open=True)
-    within("acrst.crop_size", r.crop_size, 2)
-    within("acrst.capacity_per_class", r.capacity_per_class, 1)
-    within("acrst.pr_window", r.pr_window, 1)
-    prob("acrst.pr_threshold", r.pr_threshold)
+    c.need(len(r.n_range) == 2 and 0 <= r.n_range[0] <= r.n_range[1], "acrst.n_range",
+           f"must be [N_min, N_max] with 0 <= N_min <= N_max; got {r.n_range}")
+    c.need(len(r.scale_range) == 2 and 0 < r.scale_range[0] <= r.scale_range[1], "acrst.scale_range",
+           f"must be [min, max] with 0 < min <= max; got {r.scale_range}")
+    c.need(len(r.banks) > 0 and set(r.banks) <= set(BANK_SOURCES), "acrst.banks",
+           f"must be a non-empty subset of [{', '.join(BANK_SOURCES)}]; got {r.banks}")
+    c.within("acrst.beta", r.beta, 0.0)
+    c.prob("acrst.flip_prob", r.flip_prob)
+    c.within("acrst.min_size", r.min_size, 1)
+    c.within("acrst.visibility_threshold", r.visibility_threshold, 0.0, 1.0, hi_open=True)
+    c.within("acrst.crop_size", r.crop_size, 2)
+    c.within("acrst.capacity_per_class", r.capacity_per_class, 1)
+    c.within("acrst.pr_window", r.pr_window, 1)
+    c.prob("acrst.pr_threshold", r.pr_threshold)
+
+
+def _check_ssmll(c: _Checks, cfg: Config) -> None:
+    m2 = cfg.ssmll
     # SSMLL
-    one_of("ssmll.filter", m2.filter, FILTER_MODES)
-    need(m2.filter == "single" or bool(m2.checkpoint), "ssmll.checkpoint",
-         f"must name the classifier (train_ssmll's ssmll_teacher.pt) when ssmll.filter is {m2.filter}")
-    one_of("ssmll.backbone", m2.backbone, BACKBONES)
-    within("ssmll.total_steps", m2.total_steps, 1)
-    within("ssmll.pretrain_steps", m2.pretrain_steps, 0, m2.total_steps)
+    c.one_of("ssmll.filter", m2.filter, FILTER_MODES)
+    c.need(m2.filter == "single" or bool(m2.checkpoint), "ssmll.checkpoint",
+           f"must name the classifier (train_ssmll's ssmll_teacher.pt) when ssmll.filter is {m2.filter}")
+    c.one_of("ssmll.backbone", m2.backbone, BACKBONES)
+    c.within("ssmll.total_steps", m2.total_steps, 1)
+    c.within("ssmll.pretrain_steps", m2.pretrain_steps, 0, m2.total_steps)
     for key in ("tau_ml", "tau_pos", "pseudo_threshold"):
-        within(f"ssmll.{key}", getattr(m2, key), 0.0, 1.0, lo_open=True, hi_open=True)
-    prob("ssmll.mining_min_score", m2.mining_min_score)
-    within("ssmll.input_size", m2.input_size, 32)
-    within("ssmll.dim", m2.dim, 1)
-    within("ssmll.layers", m2.layers, 1)
-    within("ssmll.heads", m2.heads, 1)
-    need(m2.dim % m2.heads == 0, "ssmll.dim", f"must be divisible by ssmll.heads ({m2.heads}); got {m2.dim}")
-    within("ssmll.batch_labeled", m2.batch_labeled, 1)
-    within("ssmll.batch_unlabeled", m2.batch_unlabeled, 1)
-    within("ssmll.lr", m2.lr, 0.0, lo_open=True)
-    within("ssmll.ema_decay", m2.ema_decay, 0.0, 1.0, hi_open=True)
-    within("ssmll.focal_gamma", m2.focal_gamma, 0.0)
-    within("ssmll.lambda_unsup", m2.lambda_unsup, 0.0)
-    within("ssmll.checkpoint_period", m2.checkpoint_period, 1)
-    within("ssmll.eval_period", m2.eval_period, 0)
-    need(all(0 < t < 1 for t in m2.eval_taus), "ssmll.eval_taus", f"must lie in (0, 1); got {m2.eval_taus}")
+        c.within(f"ssmll.{key}", getattr(m2, key), 0.0, 1.0, lo_open=True, hi_open=True)
+    c.prob("ssmll.mining_min_score", m2.mining_min_score)
+    c.within("ssmll.input_size", m2.input_size, 32)
+    c.within("ssmll.dim", m2.dim, 1)
+    c.within("ssmll.layers", m2.layers, 1)
+    c.within("ssmll.heads", m2.heads, 1)
+    c.need(m2.dim % m2.heads == 0, "ssmll.dim", f"must be divisible by ssmll.heads ({m2.heads}); got {m2.dim}")
+    c.within("ssmll.batch_labeled", m2.batch_labeled, 1)
+    c.within("ssmll.batch_unlabeled", m2.batch_unlabeled, 1)
+    c.within("ssmll.lr", m2.lr, 0.0, lo_open=True)
+    c.within("ssmll.ema_decay", m2.ema_decay, 0.0, 1.0, hi_open=True)
+    c.within("ssmll.focal_gamma", m2.focal_gamma, 0.0)
+    c.within("ssmll.lambda_unsup", m2.lambda_unsup, 0.0)
+    c.within("ssmll.checkpoint_period", m2.checkpoint_period, 1)
+    c.within("ssmll.eval_period", m2.eval_period, 0)
+    c.need(all(0 < t < 1 for t in m2.eval_taus), "ssmll.eval_taus", f"must lie in (0, 1); got {m2.eval_taus}")
+
+
+def _check_run(c: _Checks, cfg: Config) -> None:
+    run = cfg.run
     # evaluation and run
-    within("eval.period", cfg.eval.period, 0)
-    one_of("run.device", run.device, ("auto", "cpu", "cuda"))
-    within("run.checkpoint_period", run.checkpoint_period, 0)
-    within("run.keep_checkpoints", run.keep_checkpoints, 1)
-    within("run.log_period", run.log_period, 1)
-    within("run.seed", run.seed, 0)
+    c.within("eval.period", cfg.eval.period, 0)
+    c.one_of("run.device", run.device, ("auto", "cpu", "cuda"))
+    c.within("run.checkpoint_period", run.checkpoint_period, 0)
+    c.within("run.keep_checkpoints", run.keep_checkpoints, 1)
+    c.within("run.log_period", run.log_period, 1)
+    c.within("run.seed", run.seed, 0)
 
 
 def check_device(cfg: Config, source: str) -> None:

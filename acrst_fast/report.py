@@ -13,6 +13,7 @@ evaluation, classes by frequency; Fig. 6), paste_grid.png (training images after
 """
 from __future__ import annotations
 
+from acrst_fast import metric_names as M
 from acrst_fast.errors import cli_main
 from acrst_fast.safe_io import OutputError
 
@@ -102,13 +103,13 @@ def _save(fig, out: Path, name: str) -> str:
 
 
 def fig_losses(logs: RunLogs, out: Path) -> str | None:
-    loss_keys = _keys_with(logs.train, "sup/") + _keys_with(logs.train, "unsup/")
+    loss_keys = _keys_with(logs.train, M.class_prefix(M.SUP)) + _keys_with(logs.train, M.class_prefix(M.UNSUP))
     if not loss_keys:
         return None
     fig, (ax, ax_lr) = plt.subplots(1, 2, figsize=(12, 4))
     for k in loss_keys:
-        ax.plot(*_series(logs.train, k), label=k, linestyle="-" if k.startswith("sup/") else "--")
-    ax.plot(*_series(logs.train, "total"), label="total", color="black", linewidth=1.5)
+        ax.plot(*_series(logs.train, k), label=k, linestyle="-" if k.startswith(M.class_prefix(M.SUP)) else "--")
+    ax.plot(*_series(logs.train, M.TOTAL), label="total", color="black", linewidth=1.5)
     ax.set(xlabel="step", ylabel="loss", title="losses (sup: solid, unsup: dashed)", yscale="log")
     ax.legend(fontsize=7)
     ax_lr.plot(*_series(logs.train, "lr"))
@@ -145,7 +146,7 @@ def fig_class_distribution(logs: RunLogs, out: Path) -> tuple[str | None, str | 
         return None, "class_distribution.png: dataset_stats.json not found (written at the start of training)"
     classes, gt = logs.stats["classes"], logs.stats["labeled_class_counts"]
     order = sorted(range(len(classes)), key=lambda i: -gt[i])
-    count_keys = [f"pseudo/count/{c}" for c in classes]
+    count_keys = [M.class_key(M.PSEUDO_COUNT, c) for c in classes]
     windows = [r for r in logs.train if any(k in r for k in count_keys)]
     pl = [sum(r.get(k, 0.0) for r in windows) for k in count_keys]
     note = None if windows else "class_distribution.png: no pseudo-labels logged yet (pre-training only): ground truth alone"
@@ -165,14 +166,14 @@ def fig_class_distribution(logs: RunLogs, out: Path) -> tuple[str | None, str | 
             steps.append(r["step"])
             kls.append(kl)
     ax_kl.plot(steps, kls, label="KL(GT || pseudo-labels), per log window")
-    ax_kl.plot(*_series(logs.train, "acrst/kl_gt_pl"), label="KL over the PR window (ACRST)", linestyle="--")
+    ax_kl.plot(*_series(logs.train, M.KL_GT_PL), label="KL over the PR window (ACRST)", linestyle="--")
     ax_kl.set(xlabel="step", ylabel="KL divergence", title="class-distribution gap")
     ax_kl.legend(fontsize=8)
     return _save(fig, out, "class_distribution.png"), note
 
 
 def fig_pseudo_recall(logs: RunLogs, out: Path) -> str | None:
-    pr_keys, mu_keys = _keys_with(logs.train, "acrst/pr/"), _keys_with(logs.train, "acrst/mu/")
+    pr_keys, mu_keys = _keys_with(logs.train, M.class_prefix(M.PR)), _keys_with(logs.train, M.class_prefix(M.MU))
     if not pr_keys:
         return None
     fig, (ax_pr, ax_mu) = plt.subplots(1, 2, figsize=(12, 4))
@@ -189,23 +190,23 @@ def fig_pseudo_recall(logs: RunLogs, out: Path) -> str | None:
 
 def fig_pseudo_quality(logs: RunLogs, out: Path) -> str | None:
     """Precision = tp / pseudo-labels, recall = tp / hidden ground truths, per log window (IoU 0.5, class-aware)."""
-    recs = [r for r in logs.train if "pseudo/tp" in r]
+    recs = [r for r in logs.train if M.PSEUDO_TP in r]
     if not recs:
         return None
     steps = [r["step"] for r in recs]
-    precision = [r["pseudo/tp"] / r["pseudo/num_pseudo"] if r["pseudo/num_pseudo"] else float("nan") for r in recs]
-    recall = [r["pseudo/tp"] / r["pseudo/num_hidden_gt"] if r["pseudo/num_hidden_gt"] else float("nan") for r in recs]
+    precision = [r[M.PSEUDO_TP] / r[M.PSEUDO_NUM] if r[M.PSEUDO_NUM] else float("nan") for r in recs]
+    recall = [r[M.PSEUDO_TP] / r[M.PSEUDO_NUM_GT] if r[M.PSEUDO_NUM_GT] else float("nan") for r in recs]
     fig, ax = plt.subplots(figsize=(7, 4))
-    two_stage = any("pseudo/stage1/tp" in r for r in recs)  # two-stage filtering: stage 1 dashed (Fig. 5a)
+    two_stage = any(M.STAGE1_TP in r for r in recs)  # two-stage filtering: stage 1 dashed (Fig. 5a)
     ax.plot(steps, precision, label="precision (after stage 2)" if two_stage else "precision")
     ax.plot(steps, recall, label="recall (after stage 2)" if two_stage else "recall")
     if two_stage:
-        s1 = [r for r in recs if "pseudo/stage1/tp" in r]
-        ax.plot([r["step"] for r in s1], [r["pseudo/stage1/tp"] / r["pseudo/stage1/num_pseudo"]
-                                          if r["pseudo/stage1/num_pseudo"] else float("nan") for r in s1],
+        s1 = [r for r in recs if M.STAGE1_TP in r]
+        ax.plot([r["step"] for r in s1], [r[M.STAGE1_TP] / r[M.STAGE1_NUM]
+                                          if r[M.STAGE1_NUM] else float("nan") for r in s1],
                 "--", color="C0", label="precision (stage 1: score only)")
-        ax.plot([r["step"] for r in s1], [r["pseudo/stage1/tp"] / r["pseudo/num_hidden_gt"]
-                                          if r["pseudo/num_hidden_gt"] else float("nan") for r in s1],
+        ax.plot([r["step"] for r in s1], [r[M.STAGE1_TP] / r[M.PSEUDO_NUM_GT]
+                                          if r[M.PSEUDO_NUM_GT] else float("nan") for r in s1],
                 "--", color="C1", label="recall (stage 1: score only)")
     ax.set(xlabel="step", ylim=(0, 1.02), title="pseudo-label quality vs hidden ground truth (IoU >= 0.5)")
     ax.legend()

@@ -12,3 +12,18 @@ def clock(device: torch.device, sync: bool) -> float:
     if sync and device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
+
+
+class StepClock:
+    """Seconds of the named parts of one step: `mark(part)` closes the part that began at the previous
+    mark (or at creation). `seconds` maps part -> seconds, in order."""
+
+    def __init__(self, device: torch.device, sync: bool):
+        self.device, self.sync = device, sync
+        self.seconds: dict[str, float] = {}
+        self._last = clock(device, sync)
+
+    def mark(self, part: str) -> None:
+        now = clock(self.device, self.sync)
+        self.seconds[part] = self.seconds.get(part, 0.0) + now - self._last
+        self._last = now

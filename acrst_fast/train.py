@@ -11,7 +11,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import signal
 import sys
 from pathlib import Path
 
@@ -28,10 +27,10 @@ from acrst_fast.engine import checkpoint as ckpt
 from acrst_fast.engine.build import build_runner, class_counts
 from acrst_fast.engine.divergence import DivergenceGuard
 from acrst_fast.engine.hooks import (
-    CheckpointHook, EMAHook, EvalHook, LoggingHook, LRScheduleHook, MetricsWriter, restore,
+    CheckpointHook, DiagnosticsHook, EMAHook, EvalHook, LoggingHook, LRScheduleHook, MetricsWriter, lr_at, restore,
 )
-from acrst_fast.engine.trainer import Trainer, TrainingDiverged, TrainingInterrupted
-from acrst_fast.errors import UserError, report_error
+from acrst_fast.engine.launch import exit_code, on_main, train_together
+from acrst_fast.engine.trainer import Trainer
 from acrst_fast.evaluation.coco_eval import Evaluator
 from acrst_fast.safe_io import atomic_write_text
 
@@ -46,24 +45,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="continue from this checkpoint (e.g. the last good one named after a divergence); "
                          "later checkpoints of the run folder are moved to RUN_DIR/diverged/")
     return ap.parse_intermixed_args(argv)  # CONFIG --resume KEY=VALUE works too
-
-
-class Diverged(Exception):
-    """Training stopped on a non-finite loss; the message says which checkpoint to resume and how."""
-
-
-def _on_main(fn):
-    """Run `fn` on rank 0 only; its result, or its UserError, reaches every rank (no rank is left waiting)."""
-    result, err = None, None
-    if dist.rank() == 0:
-        try:
-            result = fn()
-        except UserError as exc:
-            err = exc
-    result, err = dist.broadcast_from_main((result, err))
-    if err is not None:
-        raise err
-    return result
 
 
 def _prepare_run_dir(cfg: Config, source: str, resume: bool, resume_from: str | None) -> None:
@@ -105,7 +86,7 @@ def _load_data(cfg: Config, source: str):
     data_cfg = resolved_data(cfg.data)
     check_paths(dataclasses.replace(cfg, data=data_cfg), source)
     datasets = load_datasets(data_cfg)
-    problems = _on_main(lambda: find_header_problems(datasets, cfg.data.bad_images, max(4, cfg.data.num_workers * 2)))
+    problems = on_main(lambda: find_header_problems(datasets, cfg.data.bad_images, max(4, cfg.data.num_workers * 2)))
     datasets, dropped = drop_bad_images(datasets, problems)
     if dropped and dist.rank() == 0:
         print(f"[data] data.bad_images=skip: {len(dropped)} images dropped before training; first: {dropped[0]}",
@@ -120,64 +101,57 @@ def _load_data(cfg: Config, source: str):
     return data_cfg, datasets
 
 
+def _write_dataset_stats(run_dir: Path, datasets, labeled_counts: torch.Tensor) -> None:
+    """What the report needs when the dataset is not at hand (rank 0)."""
+    atomic_write_text(run_dir / "dataset_stats.json", json.dumps({
+        "classes": list(datasets.categories.names), "labeled_class_counts": [int(c) for c in labeled_counts],
+        "num_labeled": len(datasets.labeled), "num_unlabeled": len(datasets.unlabeled),
+        "num_val": len(datasets.val)}, indent=1))
+
+
+def _hooks(cfg: Config, runner, stage, data_cfg, datasets, info: dist.DistInfo, writer: MetricsWriter,
+           guard: DivergenceGuard, echo) -> list:
+    """LR, EMA, evaluation, divergence guard, ACRST diagnostics, logging, checkpoint, in that order: the
+    log line of a step is on disk before its checkpoint, so a kill between them resumes from the
+    previous checkpoint and drops the newer lines (log and checkpoints always agree)."""
+    run_dir, total = Path(cfg.run.output_dir), cfg.solver.total_steps
+    evaluator = Evaluator(data_cfg.val_json, datasets.categories)
+    refresh = (lambda: refresh_report(run_dir)) if (cfg.eval.report and info.is_main) else None
+    hooks = [LRScheduleHook(runner.optimizer, lambda step: lr_at(step, cfg.solver)), EMAHook(runner),
+             EvalHook(runner, lambda model: evaluator(model, stage.val(), info.device), writer, cfg.eval.period, total,
+                      cfg.eval.teacher, cfg.eval.student, echo, after_eval=refresh), guard]
+    if runner.acrst is not None:
+        hooks.append(DiagnosticsHook(runner.diagnostics, cfg.run.log_period, total))
+    return hooks + [LoggingHook(writer, cfg.run.log_period, total, cfg.run.progress_bar),
+                    CheckpointHook(run_dir, cfg.run.checkpoint_period, cfg.run.keep_checkpoints, total, info.rank,
+                                   config_to_dict(cfg))]
+
+
 def run(cfg: Config, source: str, resume: bool, info: dist.DistInfo, resume_from: str | None = None) -> dict:
     """Train per `cfg`; returns the final summary (same on every rank)."""
     run_dir = Path(cfg.run.output_dir)
     echo = (lambda msg: print(msg, flush=True)) if info.is_main else (lambda msg: None)
-    _on_main(lambda: _prepare_run_dir(cfg, source, resume, resume_from))
+    on_main(lambda: _prepare_run_dir(cfg, source, resume, resume_from))
     data_cfg, datasets = _load_data(cfg, source)
     echo(f"[data] {len(datasets.labeled)} labeled, {len(datasets.unlabeled)} unlabeled, {len(datasets.val)} val "
          f"images; {datasets.categories.num_classes} classes; world size {info.world}, device {info.device}")
-
     labeled_counts = class_counts(datasets.labeled, datasets.categories.num_classes)
-    if info.is_main:  # what the report needs when the dataset is not at hand
-        atomic_write_text(run_dir / "dataset_stats.json", json.dumps({
-            "classes": list(datasets.categories.names), "labeled_class_counts": [int(c) for c in labeled_counts],
-            "num_labeled": len(datasets.labeled), "num_unlabeled": len(datasets.unlabeled),
-            "num_val": len(datasets.val)}, indent=1))
+    if info.is_main:
+        _write_dataset_stats(run_dir, datasets, labeled_counts)
     runner, stage = build_runner(cfg, datasets, info, source, labeled_counts)
-    acrst = runner.acrst
-    if acrst is not None:
-        echo(f"[acrst] CropBank {acrst.bank.nbytes / 2**20:.1f} MiB on {info.device}; banks {cfg.acrst.banks}, "
+    if runner.acrst is not None:
+        echo(f"[acrst] CropBank {runner.acrst.bank.nbytes / 2**20:.1f} MiB on {info.device}; banks {cfg.acrst.banks}, "
              f"N in {cfg.acrst.n_range}, beta {cfg.acrst.beta}, selective supervision "
              f"{'on' if cfg.acrst.selective_supervision else 'off'}")
-
     guard = DivergenceGuard(run_dir, cfg.solver.divergence_check_steps, cfg.solver.divergence_factor, info.is_main)
-    start_step, history = 0, []
     path, state = _checkpoint_to_resume(run_dir, resume, resume_from, echo)
+    writer = MetricsWriter(run_dir, enabled=info.is_main, start_step=int(state["step"]) if state else 0)
+    trainer = Trainer(runner, _hooks(cfg, runner, stage, data_cfg, datasets, info, writer, guard, echo), 0,
+                      cfg.solver.total_steps)
     if state is not None:
-        start_step, history = restore(runner, path, state, info.rank, config_to_dict(cfg))
-        guard.load_state_dict(state.get("divergence", {}), start_step)
-        echo(f"[resume] {path} (step {start_step})")
-    runner.start(start_step)
-
-    total = cfg.solver.total_steps
-    writer = MetricsWriter(run_dir, enabled=info.is_main, start_step=start_step)
-    evaluator = Evaluator(data_cfg.val_json, datasets.categories)
-    lr_hook = LRScheduleHook(runner, cfg.solver)
-    refresh = (lambda: refresh_report(run_dir)) if (cfg.eval.report and info.is_main) else None
-    eval_hook = EvalHook(runner, lambda model: evaluator(model, stage.val(), info.device), writer,
-                         cfg.eval.period, total, cfg.eval.teacher, cfg.eval.student, echo, after_eval=refresh)
-    eval_hook.history = history
-    # the log line of a step is on disk before its checkpoint: a kill between them resumes from the
-    # previous checkpoint and drops the newer lines, so log and checkpoints always agree
-    hooks = [lr_hook, EMAHook(runner), eval_hook, guard,
-             LoggingHook(writer, lr_hook, cfg.run.log_period, total, cfg.run.progress_bar),
-             CheckpointHook(runner, run_dir, cfg.run.checkpoint_period, cfg.run.keep_checkpoints, total,
-                            info.rank, eval_hook, config_to_dict(cfg), guard)]
-    trainer = Trainer(runner.run_step, hooks, start_step, total)
-    _install_stop_handler(trainer)
-    try:
-        trainer.train()
-    except TrainingDiverged as exc:
-        _say_then_leave_together(f"error: training diverged: {exc}. {guard.advice(cfg.solver.lr)}")
-        raise Diverged(str(exc)) from None
-    except TrainingInterrupted as exc:
-        _say_then_leave_together(f"interrupted: {exc}; continue with --resume")
-        raise
-    finally:
-        writer.close()
-    summary = summarize(eval_hook.history, datasets.categories.names)
+        echo(f"[resume] {path} (step {restore(trainer, path, state, info.rank, config_to_dict(cfg))})")
+    train_together(trainer, writer.close, lambda: guard.advice(cfg.solver.lr))
+    summary = summarize(trainer.storage["eval_history"], datasets.categories.names)
     if info.is_main:
         atomic_write_text(run_dir / "final_metrics.json", json.dumps(summary, indent=2))
         if cfg.eval.report:
@@ -185,13 +159,6 @@ def run(cfg: Config, source: str, resume: bool, info: dist.DistInfo, resume_from
         echo(format_summary(summary, run_dir))
     dist.barrier()  # ranks leave together: no rank tears down the process group while rank 0 still writes
     return summary
-
-
-def _say_then_leave_together(message: str) -> None:
-    """Every rank prints its line, then waits for the others: under torchrun the first rank to exit
-    makes the launcher terminate the rest, so no rank may leave before every rank has spoken."""
-    print(message, file=sys.stderr, flush=True)
-    dist.barrier()
 
 
 def refresh_report(run_dir: Path) -> None:
@@ -233,38 +200,18 @@ def format_summary(summary: dict, run_dir: Path) -> str:
     return "\n".join(lines)
 
 
-def _install_stop_handler(trainer: Trainer) -> None:
-    """First SIGTERM/SIGINT: finish the step, checkpoint, exit. A second SIGINT stops at once."""
-    def handler(signum, frame):
-        if trainer.stop_requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        trainer.request_stop()
-        print(f"\n[signal {signum}] finishing the current step, then writing a checkpoint", file=sys.stderr, flush=True)
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, handler)
-
-
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
+
+    def body():
         cfg = load_config(args.config, args.overrides)
         info = dist.init_distributed(cfg.run.device)
         if info.device.type == "cpu" and info.world > 1:
             torch.set_num_threads(max(1, torch.get_num_threads() // info.world))
         run(cfg, args.config, args.resume, info, args.resume_from)
-        return 0
-    except UserError as exc:
-        return report_error(exc)
-    except Diverged:  # its message is printed by every rank in run()
-        return 3
-    except TrainingInterrupted:
-        return 130
-    finally:
-        dist.shutdown()
+
+    return exit_code(body)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from acrst_fast import metric_names as M
+
 ROWS = {
     "mt": ("Mean Teacher", []),
     "fbr": ("+ FBR", ["acrst.fbr=true", "acrst.beta=0"]),
@@ -34,13 +36,13 @@ ROWS = {
 def pseudo_quality(run_dir: Path) -> str:
     """Pseudo-label precision / recall summed over the logged mutual steps (final filter; stage 1 too)."""
     recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    recs = [r for r in recs if r.get("kind") == "train" and "pseudo/tp" in r]
+    recs = [r for r in recs if r.get("kind") == "train" and M.PSEUDO_TP in r]
     if not recs:
         return ""
-    tp, n, gt = (sum(r[k] for r in recs) for k in ("pseudo/tp", "pseudo/num_pseudo", "pseudo/num_hidden_gt"))
+    tp, n, gt = (sum(r[k] for r in recs) for k in (M.PSEUDO_TP, M.PSEUDO_NUM, M.PSEUDO_NUM_GT))
     text = f"P {tp / max(n, 1e-9):.3f} R {tp / max(gt, 1e-9):.3f}"
-    if "pseudo/stage1/tp" in recs[-1]:
-        tp1, n1 = (sum(r.get(k, 0.0) for r in recs) for k in ("pseudo/stage1/tp", "pseudo/stage1/num_pseudo"))
+    if M.STAGE1_TP in recs[-1]:
+        tp1, n1 = (sum(r.get(k, 0.0) for r in recs) for k in (M.STAGE1_TP, M.STAGE1_NUM))
         text += f" (stage 1: P {tp1 / max(n1, 1e-9):.3f} R {tp1 / max(gt, 1e-9):.3f})"
     return text
 

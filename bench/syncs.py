@@ -50,7 +50,7 @@ def build(config: str, batch: int, overrides: list[str]):
 
 def one_step(runner, step: int):
     """The step as the trainer runs it: step function, stop agreement, EMA."""
-    trainer = Trainer(runner.run_step, [], step, step + 1)
+    trainer = Trainer(runner, [], step, step + 1)
     out = runner.run_step(step)
     trainer._agree(out.total)
     runner.update_teacher()

@@ -1,6 +1,8 @@
-"""Triton kernel: paste every op of a batch from the CropBank pixel store in one launch.
+"""Crop-paste: the op table's columns, the PyTorch reference, the Triton kernel and its wrapper, in one
+file (the layout of the Triton tutorials' fused attention).
 
-    paste_pixels_triton(images, image_hw, ops, bank_pixels) -> images (modified in place)
+    paste_pixels_ref(images, ops, bank_pixels, image_hw) -> images   (any device; the definition)
+    paste_pixels_triton(images, image_hw, ops, bank_pixels) -> images (modified in place, one launch)
 
 - images: Tensor[N, C, H, W] uint8 (0..255) or float32/float16/bfloat16 (0..1), any dense
   layout (NCHW-contiguous or channels-last); image n's valid region is its top-left
@@ -27,16 +29,107 @@ import os
 
 import numpy as np
 import torch
-import triton
-import triton.language as tl
 
-from acrst_fast.kernels.op_table import OP_H, OP_IMAGE, OP_SLOT, OP_W
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # a torch build without Triton: the reference still works, the kernel is never launched
+    triton = tl = None
 
-BLOCK_H, BLOCK_W = 16, 32
+
+def _jit(**kwargs):
+    return triton.jit(**kwargs) if triton is not None else (lambda fn: fn)
+
+
+# the op table's columns: one row per paste, Tensor[P, 7] int64. (image, slot, x0, y0, h, w, flip): the
+# image index in the batch, the CropBank slot, the top-left corner of the resized crop in the image (may
+# be negative: clipped), its size, and 1 to mirror it. The planner (`acrst_fast.augment`) writes the
+# table; the reference and the kernel below read it.
+OP_IMAGE, OP_SLOT, OP_X0, OP_Y0, OP_H, OP_W, OP_FLIP = range(7)
+
+BLOCK_H, BLOCK_W = 16, 32  # the tile of one program
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-@triton.jit(do_not_specialize=["s_n", "s_c", "s_h", "s_w", "crop"])
+# ---------------------------------------------------------------------------------------------
+# Reference (PyTorch): the definition the kernel is held bit-equal to
+# ---------------------------------------------------------------------------------------------
+def _taps(out_size: int, in_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Source indices i0, i1 and weight of i1 for each output index, float32 as PyTorch computes them."""
+    scale = torch.tensor(in_size, dtype=torch.float32) / torch.tensor(out_size, dtype=torch.float32)
+    src = ((torch.arange(out_size, device=device, dtype=torch.float32) + 0.5) * scale.to(device) - 0.5).clamp(min=0)
+    i0 = src.to(torch.int64)
+    return i0, (i0 + 1).clamp(max=in_size - 1), src - i0.to(torch.float32)
+
+
+def resize_bilinear(crop: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Tensor[C, s, s] (any dtype) -> Tensor[C, h, w] float32 in the crop's units: bilinear,
+    align_corners=False, no antialiasing (what F.interpolate does), written out so the Triton
+    kernel can follow it operation for operation: wy0 * (wx0 * v00 + wx1 * v01) + wy1 * (...)."""
+    y0, y1, wy1 = _taps(h, crop.shape[1], crop.device)
+    x0, x1, wx1 = _taps(w, crop.shape[2], crop.device)
+    wy0, wx0 = 1.0 - wy1, 1.0 - wx1
+    c = crop.to(torch.float32)
+    top, bottom = c[:, y0], c[:, y1]
+    row0 = wx0 * top[:, :, x0] + wx1 * top[:, :, x1]
+    row1 = wx0 * bottom[:, :, x0] + wx1 * bottom[:, :, x1]
+    return wy0[:, None] * row0 + wy1[:, None] * row1
+
+
+def paste_pixels_ref(images: list[torch.Tensor] | torch.Tensor, ops: torch.Tensor, bank_pixels: torch.Tensor,
+                     image_hw: list[tuple[int, int]] | torch.Tensor | None = None) -> list[torch.Tensor] | torch.Tensor:
+    """Apply the op table to images in place and return them.
+
+    images: list of Tensor[C, H, W], or a batch Tensor[N, C, H, W]; uint8 (0..255) or float
+    (0..1). image_hw: the valid (h, w) of each image (default: its full size); pastes are clipped
+    to it. bank_pixels: Tensor[S_total, C, s, s] uint8, the CropBank pixel store. The crop is
+    resized in 0..255 units; uint8 images get it rounded half up, float images divided by 255.
+    """
+    for img_i, slot, x0, y0, h, w, flip in ops.tolist():
+        image = images[img_i]
+        H, W = (int(v) for v in image_hw[img_i]) if image_hw is not None else image.shape[1:]
+        crop = resize_bilinear(bank_pixels[slot].to(image.device), h, w)
+        if flip:
+            crop = crop.flip(-1)
+        xa, ya, xb, yb = max(x0, 0), max(y0, 0), min(x0 + w, W), min(y0 + h, H)
+        if xb <= xa or yb <= ya:
+            continue
+        crop = crop[:, ya - y0:yb - y0, xa - x0:xb - x0]
+        if image.dtype == torch.uint8:
+            crop = torch.floor(crop + 0.5).clamp(0, 255)
+        else:
+            crop = crop / 255.0
+        image[:, ya:yb, xa:xb] = crop.to(image.dtype)
+    return images
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernel
+# ---------------------------------------------------------------------------------------------
+@_jit()
+def _source_taps(l, size, crop):
+    """Bilinear taps of resized-crop coordinates `l` (a block) along one axis of length `size`, as
+    PyTorch's upsample_bilinear2d (align_corners=False) computes them: (i0, i1, weight of i1)."""
+    src = tl.maximum((l.to(tl.float32) + 0.5) * (crop.to(tl.float32) / size.to(tl.float32)) - 0.5, 0.0)
+    i0 = src.to(tl.int32)
+    return i0, tl.minimum(i0 + 1, crop - 1), src - i0.to(tl.float32)
+
+
+@_jit()
+def _to_image(v, img_ptr, OUT_UINT8: tl.constexpr, OUT_BF16: tl.constexpr):
+    """A resampled value in 0..255 units -> the dtype of `img_ptr`: uint8 rounded half up, float / 255."""
+    if OUT_UINT8:
+        out = tl.minimum(tl.maximum(tl.floor(v + 0.5), 0.0), 255.0).to(tl.uint8)
+    elif OUT_BF16:  # round to nearest even by hand: the interpreter truncates fp32 -> bf16
+        bits = (v / 255.0).to(tl.int32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+        out = bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
+    else:
+        out = (v / 255.0).to(img_ptr.dtype.element_ty)
+    return out
+
+
+@_jit(do_not_specialize=["s_n", "s_c", "s_h", "s_w", "crop"])
 def _paste_kernel(img_ptr,    # *images: the batch written in place, Tensor[N, C, H, W] (any dense layout)
                   bank_ptr,   # *uint8: the CropBank pixel store, Tensor[S, C, crop, crop], contiguous
                   ops_ptr,    # *int64: the op table, Tensor[P, 7] (image, slot, x0, y0, h, w, flip)
@@ -50,18 +143,12 @@ def _paste_kernel(img_ptr,    # *images: the batch written in place, Tensor[N, C
                   OUT_BF16: tl.constexpr,   # images are bfloat16 (round to nearest even by hand)
                   BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):  # the tile a program pastes
     prog = tl.program_id(0)
-    p = tl.load(prog_ptr + prog * 2)
-    tile = tl.load(prog_ptr + prog * 2 + 1)
+    p = tl.load(prog_ptr + prog * 2)  # this program's op ...
+    tile = tl.load(prog_ptr + prog * 2 + 1)  # ... and tile of it
     row = ops_ptr + p * 7
-    n = tl.load(row + 0)
-    slot = tl.load(row + 1)
-    x0 = tl.load(row + 2)
-    y0 = tl.load(row + 3)
-    h = tl.load(row + 4)
-    w = tl.load(row + 5)
-    flip = tl.load(row + 6)
-    h_img = tl.load(hw_ptr + n * 2)
-    w_img = tl.load(hw_ptr + n * 2 + 1)
+    n, slot, x0, y0 = tl.load(row + 0), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3)
+    h, w, flip = tl.load(row + 4), tl.load(row + 5), tl.load(row + 6)
+    h_img, w_img = tl.load(hw_ptr + n * 2), tl.load(hw_ptr + n * 2 + 1)
 
     tiles_w = (w + BLOCK_W - 1) // BLOCK_W
     ly = (tile // tiles_w) * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]  # row in the resized crop
@@ -71,25 +158,13 @@ def _paste_kernel(img_ptr,    # *images: the batch written in place, Tensor[N, C
     mask = (ly < h) & (lx < w) & (oy >= 0) & (oy < h_img) & (ox >= 0) & (ox < w_img)
     for q in range(p + 1, tl.load(end_ptr + p)):  # later ops of the same image cover this one
         qrow = ops_ptr + q * 7
-        qx0 = tl.load(qrow + 2)
-        qy0 = tl.load(qrow + 3)
-        qh = tl.load(qrow + 4)
-        qw = tl.load(qrow + 5)
+        qx0, qy0, qh, qw = tl.load(qrow + 2), tl.load(qrow + 3), tl.load(qrow + 4), tl.load(qrow + 5)
         mask = mask & ~((oy >= qy0) & (oy < qy0 + qh) & (ox >= qx0) & (ox < qx0 + qw))
 
-    # source coordinates, as PyTorch's upsample_bilinear2d (align_corners=False) computes them
-    sx_col = tl.where(flip != 0, w - 1 - lx, lx)
-    src_y = tl.maximum((ly.to(tl.float32) + 0.5) * (crop.to(tl.float32) / h.to(tl.float32)) - 0.5, 0.0)
-    src_x = tl.maximum((sx_col.to(tl.float32) + 0.5) * (crop.to(tl.float32) / w.to(tl.float32)) - 0.5, 0.0)
-    iy0 = src_y.to(tl.int32)
-    ix0 = src_x.to(tl.int32)
-    iy1 = tl.minimum(iy0 + 1, crop - 1)
-    ix1 = tl.minimum(ix0 + 1, crop - 1)
-    wy1 = src_y - iy0.to(tl.float32)
-    wx1 = src_x - ix0.to(tl.float32)
+    iy0, iy1, wy1 = _source_taps(ly, h, crop)
+    ix0, ix1, wx1 = _source_taps(tl.where(flip != 0, w - 1 - lx, lx), w, crop)  # flip: mirror the resized crop
     wy0 = 1.0 - wy1
     wx0 = 1.0 - wx1
-
     out_off = n.to(tl.int64) * s_n + oy.to(tl.int64) * s_h + ox.to(tl.int64) * s_w
     for c in tl.static_range(C):
         base = bank_ptr + (slot.to(tl.int64) * C + c) * crop * crop
@@ -98,17 +173,13 @@ def _paste_kernel(img_ptr,    # *images: the batch written in place, Tensor[N, C
         v10 = tl.load(base + iy1 * crop + ix0, mask=mask, other=0).to(tl.float32)
         v11 = tl.load(base + iy1 * crop + ix1, mask=mask, other=0).to(tl.float32)
         v = wy0 * (wx0 * v00 + wx1 * v01) + wy1 * (wx0 * v10 + wx1 * v11)
-        if OUT_UINT8:
-            out = tl.minimum(tl.maximum(tl.floor(v + 0.5), 0.0), 255.0).to(tl.uint8)
-        elif OUT_BF16:  # round to nearest even by hand: the interpreter truncates fp32 -> bf16
-            bits = (v / 255.0).to(tl.int32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
-            out = bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
-        else:
-            out = (v / 255.0).to(img_ptr.dtype.element_ty)
+        out = _to_image(v, img_ptr, OUT_UINT8, OUT_BF16)
         tl.store(img_ptr + out_off + c * s_c, out, mask=mask)
 
 
+# ---------------------------------------------------------------------------------------------
+# Wrapper: checks, the program table, one launch
+# ---------------------------------------------------------------------------------------------
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 

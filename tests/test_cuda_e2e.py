@@ -35,7 +35,7 @@ def _config(tmp_path, tiny_demo, pipeline: str):
 def _check_run(run) -> None:
     state = ckpt.load(ckpt.latest_checkpoint(run))
     assert state["step"] == 6
-    assert all(torch.isfinite(v).all() for v in state["teacher"].values() if v.is_floating_point())
+    assert all(torch.isfinite(v).all() for v in state["runner"]["teacher"].values() if v.is_floating_point())
     records = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in records if r["kind"] == "train"][-1]
     assert last["acrst/pasted_per_image_labeled"] >= 1 and "unsup/loss_box_reg" in last

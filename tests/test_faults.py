@@ -289,7 +289,7 @@ def test_divergence_advice_works(tmp_path, tiny_demo, cpu_env):
         logged[s] for s in range(good["step"] - 2, good["step"] + 1))
     newer = [s for s, _ in ckpt.list_checkpoints(tmp_path / "run") if s > good["step"]]
     assert newer, "the test wants a rejected newer checkpoint on disk"
-    assert max(float(v.abs().max()) for v in good["student"].values() if v.is_floating_point()) < 1e3
+    assert max(float(v.abs().max()) for v in good["runner"]["student"].values() if v.is_floating_point()) < 1e3
     # follow the advice: the run trains to its end
     again = _train(cfg, "--resume-from", m.group(1), f"solver.lr={m.group(2)}", env=cpu_env)
     assert again.returncode == 0, again.stderr[-2000:]

@@ -1,7 +1,12 @@
 """SSMLL classifier, its training, and two-stage pseudo-label filtering."""
+import itertools
+import json
+import os
 import random
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,8 +16,9 @@ from acrst_fast.models.detector import WeightsError
 from acrst_fast.pseudo_labels import filter_pseudo_labels
 from acrst_fast.ssmll import focal_bce, focal_bce_ref, image_labels, load_classifier, negative_metrics
 from acrst_fast.ssmll.model import build_ssmll, preprocess, save_classifier
-from acrst_fast.train_ssmll import SSMLLTrainer
-from conftest import REPO, tiny_config_dict, write_config
+from acrst_fast.engine.ssmll_runner import SSMLLRunner
+from acrst_fast.engine import checkpoint as ckpt
+from conftest import REPO, run_group, tiny_config_dict, write_config
 
 TINY_SSMLL = {"backbone": "resnet18", "input_size": 64, "dim": 32, "layers": 1, "heads": 2, "total_steps": 4,
               "pretrain_steps": 2, "batch_labeled": 2, "batch_unlabeled": 2, "lr": 1e-3, "checkpoint_period": 2,
@@ -91,17 +97,20 @@ def _tiny_cfg(tmp_path, tiny_demo, **ssmll):
 
 
 def test_ssmll_training_step_lowers_loss(tmp_path, tiny_demo):
-    cfg = load_config(_tiny_cfg(tmp_path, tiny_demo))
-    trainer = SSMLLTrainer(cfg, 4, torch.device("cpu"))
+    cfg = load_config(_tiny_cfg(tmp_path, tiny_demo), ["ssmll.pretrain_steps=20", "ssmll.total_steps=21"])
     gen = torch.Generator().manual_seed(0)
     lab = {"strong": torch.rand(4, 3, 64, 64, generator=gen), "labels": (torch.rand(4, 4, generator=gen) < 0.5).float()}
-    losses = [trainer.step(s, lab, None)["loss"] for s in range(20)]
-    assert sum(losses[-3:]) / 3 < 0.6 * sum(losses[:3]) / 3, losses
     unl = {"weak": lab["strong"], "strong": lab["strong"]}
-    teacher_before = [p.clone() for p in trainer.teacher.parameters()]
-    out = trainer.step(cfg.ssmll.pretrain_steps, lab, unl)  # mutual: teacher copied, then EMA-updated
-    assert "loss_unsup" in out and out["positives_per_image"] >= 0
-    assert any(not torch.equal(a, b) for a, b in zip(teacher_before, trainer.teacher.parameters()))
+    runner = SSMLLRunner(cfg, 4, torch.device("cpu"), lambda split, first, end: itertools.repeat(
+        lab if split == "labeled" else unl))
+    losses = [float(runner.run_step(s).total) for s in range(20)]
+    assert sum(losses[-3:]) / 3 < 0.6 * sum(losses[:3]) / 3, losses
+    teacher_before = [p.clone() for p in runner.teacher.parameters()]
+    out = runner.run_step(cfg.ssmll.pretrain_steps)  # mutual: the teacher is copied from the student first
+    runner.update_teacher()  # (the EMA hook's call)
+    assert out.phase == "mutual" and set(out.unsup) == {"loss_focal"}
+    assert out.resolve()["ssmll/positives_per_image"] >= 0
+    assert any(not torch.equal(a, b) for a, b in zip(teacher_before, runner.teacher.parameters()))
 
 
 def test_classifier_file_round_trip(tmp_path):
@@ -144,6 +153,60 @@ def test_train_ssmll_cli_resumes_exactly(tmp_path, tiny_demo, cpu_env):
     a = torch.load(tmp_path / "a" / "ssmll" / "ssmll_teacher.pt", weights_only=False)["state"]
     b = torch.load(tmp_path / "b" / "ssmll" / "ssmll_teacher.pt", weights_only=False)["state"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _ssmll_cmd(cfg, *extra):
+    return [sys.executable, "-m", "acrst_fast.train_ssmll", str(cfg), *extra]
+
+
+def _classifier_state(run: Path) -> dict:
+    return torch.load(run / "ssmll" / "ssmll_teacher.pt", weights_only=False)["state"]
+
+
+@pytest.mark.slow
+def test_train_ssmll_killed_then_resumed_is_bit_identical(tmp_path, tiny_demo, cpu_env):
+    """SIGKILL right after the step-2 checkpoint (the trainer's kill shim), then --resume: the classifier,
+    the log (each step once) and the checkpoint equal an uninterrupted run's."""
+    from test_train import KILL_SHIM
+
+    straight = _tiny_cfg(tmp_path / "a", tiny_demo)
+    assert run_group(_ssmll_cmd(straight), 600, env=cpu_env, cwd=REPO).returncode == 0
+    killed = _tiny_cfg(tmp_path / "b", tiny_demo)
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(KILL_SHIM)
+    env = dict(cpu_env, ACRST_TEST_KILL="after_checkpoint:2", PYTHONPATH=f"{shim}{os.pathsep}{cpu_env.get('PYTHONPATH', '')}")
+    proc = run_group(_ssmll_cmd(killed), 600, env=env, cwd=REPO)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "b" / "ssmll")] == [2]
+    resumed = run_group(_ssmll_cmd(killed, "--resume"), 600, env=cpu_env, cwd=REPO)
+    assert resumed.returncode == 0 and "[resume]" in resumed.stdout, resumed.stderr[-2000:]
+    a, b = _classifier_state(tmp_path / "a"), _classifier_state(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ca, cb = (ckpt.load(ckpt.latest_checkpoint(tmp_path / r / "ssmll"))["runner"] for r in ("a", "b"))
+    assert all(torch.equal(ca["student"][k], cb["student"][k]) for k in ca["student"])
+    steps = [json.loads(ln)["step"] for ln in (tmp_path / "b" / "ssmll" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(ln)["kind"] == "train"]
+    assert steps == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_train_ssmll_two_gloo_processes(tmp_path, tiny_demo, cpu_env):
+    """torchrun with 2 processes: each takes half of each step's batch, DDP averages the gradients, rank 0
+    writes the log, checkpoints (with both ranks' RNG states) and the classifier."""
+    cfg = _tiny_cfg(tmp_path, tiny_demo)
+    proc = run_group([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                      *_ssmll_cmd(cfg)[1:]], 600, env=cpu_env, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "world size 2" in proc.stdout and proc.stdout.count("neg accuracy") == 1  # printed by rank 0 only
+    out = tmp_path / "ssmll"
+    records = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4]
+    assert [(r["step"], r["model"]) for r in records if r["kind"] == "eval"] == [(2, "student"), (4, "teacher")]
+    state = ckpt.load(ckpt.latest_checkpoint(out))
+    assert len(state["rng"]) == 2 and state["step"] == 4
+    assert not any(k.startswith("module.") for k in state["runner"]["student"])
+    assert (out / "ssmll_teacher.pt").is_file() and json.loads((out / "ssmll_metrics.json").read_text())["step"] == 4
 
 
 def test_two_stage_mutual_step_logs_both_stages(tmp_path, tiny_demo):

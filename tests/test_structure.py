@@ -79,3 +79,16 @@ def test_layers():
     augment = {d for m, deps in graph.items() if m.startswith("acrst_fast.augment") for d in deps}
     assert not any(d.startswith(("acrst_fast.engine", "acrst_fast.train", "acrst_fast.data")) for d in augment), \
         "the drop-in augmentation module must not depend on the trainer"
+
+
+def test_no_function_over_60_lines():
+    """Small functions: none in `acrst_fast/` or `kernels/` spans more than 60 lines (decorators excluded)."""
+    long = []
+    for root in ("acrst_fast", "kernels"):
+        for path in sorted((REPO / root).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    lines = node.end_lineno - node.lineno + 1
+                    if lines > 60:
+                        long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({lines} lines)")
+    assert not long, long

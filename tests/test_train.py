@@ -49,6 +49,7 @@ def test_mutual_learning_step(tmp_path, tiny_demo):
     runner = _runner(tmp_path, tiny_demo, solver={"total_steps": 4, "pretrain_steps": 1})
     runner.cfg = runner.cfg.__class__(**{**runner.cfg.__dict__,
                                          "mean_teacher": runner.cfg.mean_teacher.__class__(tau_cls=0.0, ema_decay=0.5)})
+    runner.ema.decay = 0.5  # the teacher object holds its decay
     runner.start(0)
     assert runner.run_step(0).phase == "pretrain"
     out = runner.run_step(1)  # teacher initialised from the student here
@@ -72,6 +73,7 @@ def _final_state(run_dir: Path) -> dict:
 
 def _assert_same_state(a: dict, b: dict):
     assert a["step"] == b["step"]
+    a, b = a["runner"], b["runner"]
     for part in ("student", "teacher"):
         for k, v in a[part].items():
             assert torch.equal(v, b[part][k]), f"{part}.{k} differs"
@@ -194,7 +196,7 @@ def test_torchrun_two_processes(tmp_path, tiny_demo, cpu_env):
     assert {(r["step"], r["model"]) for r in evals} == {(2, "student"), (4, "teacher"), (4, "student")}
     state = _final_state(run)
     assert len(state["rng"]) == 2  # both ranks' RNG states saved
-    assert not any(k.startswith("module.") for k in state["student"])  # saved unwrapped
+    assert not any(k.startswith("module.") for k in state["runner"]["student"])  # saved unwrapped
     parts = [ckpt.load(ckpt.rank_state_path(run, 4, r))["acrst"] for r in (0, 1)]
     assert torch.equal(parts[0]["recall"]["history"], parts[1]["recall"]["history"])  # same mu on every rank
     assert parts[0]["recall"]["history"].sum() > 0

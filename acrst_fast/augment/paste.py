@@ -22,7 +22,9 @@ import torch
 
 from acrst_fast.augment.host import mark_host
 # columns of the op table, Tensor[P, 7] int64 (defined below the kernels, which read it too)
-from acrst_fast.kernels.op_table import OP_FLIP, OP_H, OP_IMAGE, OP_SLOT, OP_W, OP_X0, OP_Y0  # noqa: F401
+from acrst_fast.kernels.crop_paste import (  # noqa: F401 - the op table and the reference, re-exported
+    OP_FLIP, OP_H, OP_IMAGE, OP_SLOT, OP_W, OP_X0, OP_Y0, paste_pixels_ref, resize_bilinear,
+)
 
 
 @dataclass
@@ -200,52 +202,3 @@ def merge_pastes_ref(image_hw: list[tuple[int, int]], boxes: list[torch.Tensor],
         out_labels.append(lab)
         out_pasted.append(pasted)
     return PastePlan(torch.tensor(kept_ops, dtype=torch.int64).reshape(-1, 7), out_boxes, out_labels, out_pasted)
-
-
-def _taps(out_size: int, in_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Source indices i0, i1 and weight of i1 for each output index, float32 as PyTorch computes them."""
-    scale = torch.tensor(in_size, dtype=torch.float32) / torch.tensor(out_size, dtype=torch.float32)
-    src = ((torch.arange(out_size, device=device, dtype=torch.float32) + 0.5) * scale.to(device) - 0.5).clamp(min=0)
-    i0 = src.to(torch.int64)
-    return i0, (i0 + 1).clamp(max=in_size - 1), src - i0.to(torch.float32)
-
-
-def resize_bilinear(crop: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """Tensor[C, s, s] (any dtype) -> Tensor[C, h, w] float32 in the crop's units: bilinear,
-    align_corners=False, no antialiasing (what F.interpolate does), written out so the Triton
-    kernel can follow it operation for operation: wy0 * (wx0 * v00 + wx1 * v01) + wy1 * (...)."""
-    y0, y1, wy1 = _taps(h, crop.shape[1], crop.device)
-    x0, x1, wx1 = _taps(w, crop.shape[2], crop.device)
-    wy0, wx0 = 1.0 - wy1, 1.0 - wx1
-    c = crop.to(torch.float32)
-    top, bottom = c[:, y0], c[:, y1]
-    row0 = wx0 * top[:, :, x0] + wx1 * top[:, :, x1]
-    row1 = wx0 * bottom[:, :, x0] + wx1 * bottom[:, :, x1]
-    return wy0[:, None] * row0 + wy1[:, None] * row1
-
-
-def paste_pixels_ref(images: list[torch.Tensor] | torch.Tensor, ops: torch.Tensor, bank_pixels: torch.Tensor,
-                     image_hw: list[tuple[int, int]] | torch.Tensor | None = None) -> list[torch.Tensor] | torch.Tensor:
-    """Apply the op table to images in place and return them.
-
-    images: list of Tensor[C, H, W], or a batch Tensor[N, C, H, W]; uint8 (0..255) or float
-    (0..1). image_hw: the valid (h, w) of each image (default: its full size); pastes are clipped
-    to it. bank_pixels: Tensor[S_total, C, s, s] uint8, the CropBank pixel store. The crop is
-    resized in 0..255 units; uint8 images get it rounded half up, float images divided by 255.
-    """
-    for img_i, slot, x0, y0, h, w, flip in ops.tolist():
-        image = images[img_i]
-        H, W = (int(v) for v in image_hw[img_i]) if image_hw is not None else image.shape[1:]
-        crop = resize_bilinear(bank_pixels[slot].to(image.device), h, w)
-        if flip:
-            crop = crop.flip(-1)
-        xa, ya, xb, yb = max(x0, 0), max(y0, 0), min(x0 + w, W), min(y0 + h, H)
-        if xb <= xa or yb <= ya:
-            continue
-        crop = crop[:, ya - y0:yb - y0, xa - x0:xb - x0]
-        if image.dtype == torch.uint8:
-            crop = torch.floor(crop + 0.5).clamp(0, 255)
-        else:
-            crop = crop / 255.0
-        image[:, ya:yb, xa:xb] = crop.to(image.dtype)
-    return images

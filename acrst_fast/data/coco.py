@@ -177,77 +177,94 @@ def load_coco_records(
     elif own is not None and set(own.ids) != set(categories.ids):
         missing = sorted(set(categories.ids) ^ set(own.ids))[:5]
         raise DataError(f"{json_path}: categories differ from the training set's (ids {missing} ...)")
+    images = _read_images(json_path, data)
+    per_image: dict[int, list[tuple[list[float], int]]] = {i: [] for i in images}
+    if with_boxes:
+        boxes_per_category = _read_annotations(json_path, data, images, categories, per_image)
+        if own is not None and categories is own:
+            _warn_empty_categories(json_path, categories, boxes_per_category)
+    image_dir = Path(image_dir)
+    return [_record(json_path, image_dir, image_id, images[image_id], per_image[image_id], check_files)
+            for image_id in sorted(images)], categories
 
+
+def _read_images(json_path: Path, data: dict) -> dict[int, dict]:
+    """The json's images by id, each checked (`_check_image`); a duplicate id is a DataError."""
     images: dict[int, dict] = {}
     for i, img in enumerate(data["images"]):
         _check_image(json_path, i, img)
         if img["id"] in images:
             raise DataError(f"{json_path}: images[{i}]: duplicate image id {img['id']}")
         images[img["id"]] = img
+    return images
 
-    per_image: dict[int, list[tuple[list[float], int]]] = {i: [] for i in images}
+
+def _read_annotations(json_path: Path, data: dict, images: dict[int, dict], categories: Categories,
+                      per_image: dict[int, list]) -> dict[int, int]:
+    """Check every annotation and append the trainable ones to `per_image[image_id]` as ([x1, y1, x2, y2],
+    label). Crowd boxes, zero-area boxes and boxes entirely outside their image are left out (the last
+    two with a warning). Returns the boxes per category id."""
     degenerate, outside, ann_ids = [], [], set()
     boxes_per_category = {cid: 0 for cid in categories.ids}
-    if with_boxes:
-        label_of = categories.label_of()
-        for i, ann in enumerate(data.get("annotations", [])):
-            if not isinstance(ann, dict):
-                raise DataError(f"{json_path}: annotations[{i}]: must be an object, got {type(ann).__name__}")
-            where = f"{json_path}: annotation id {ann.get('id', f'#{i}')}"
-            if "id" in ann:
-                if not _is_int(ann["id"]):
-                    raise DataError(f"{json_path}: annotations[{i}]: 'id' must be an integer, got {ann['id']!r}")
-                if ann["id"] in ann_ids:
-                    raise DataError(f"{where}: duplicate annotation id")
-                ann_ids.add(ann["id"])
-            x, y, w, h = _check_annotation(where, ann)
-            if ann["image_id"] not in images:
-                raise DataError(f"{where}: image_id {ann['image_id']!r} is not in 'images'")
-            if ann["category_id"] not in label_of:
-                raise DataError(f"{where}: category_id {ann['category_id']!r} is not in 'categories'")
-            boxes_per_category[ann["category_id"]] += 1
-            if ann.get("iscrowd", 0):
-                continue
-            if w == 0 or h == 0:
-                degenerate.append(ann.get("id", i))
-                continue
-            img = images[ann["image_id"]]
-            iw, ih = img.get("width", 0), img.get("height", 0)
-            if iw and ih and (x >= iw or y >= ih or x + w <= 0 or y + h <= 0):
-                outside.append(ann.get("id", i))
-                continue
-            per_image[ann["image_id"]].append(([x, y, x + w, y + h], label_of[ann["category_id"]]))
+    label_of = categories.label_of()
+    for i, ann in enumerate(data.get("annotations", [])):
+        if not isinstance(ann, dict):
+            raise DataError(f"{json_path}: annotations[{i}]: must be an object, got {type(ann).__name__}")
+        where = f"{json_path}: annotation id {ann.get('id', f'#{i}')}"
+        if "id" in ann:
+            if not _is_int(ann["id"]):
+                raise DataError(f"{json_path}: annotations[{i}]: 'id' must be an integer, got {ann['id']!r}")
+            if ann["id"] in ann_ids:
+                raise DataError(f"{where}: duplicate annotation id")
+            ann_ids.add(ann["id"])
+        x, y, w, h = _check_annotation(where, ann)
+        if ann["image_id"] not in images:
+            raise DataError(f"{where}: image_id {ann['image_id']!r} is not in 'images'")
+        if ann["category_id"] not in label_of:
+            raise DataError(f"{where}: category_id {ann['category_id']!r} is not in 'categories'")
+        boxes_per_category[ann["category_id"]] += 1
+        if ann.get("iscrowd", 0):
+            continue
+        if w == 0 or h == 0:
+            degenerate.append(ann.get("id", i))
+            continue
+        img = images[ann["image_id"]]
+        iw, ih = img.get("width", 0), img.get("height", 0)
+        if iw and ih and (x >= iw or y >= ih or x + w <= 0 or y + h <= 0):
+            outside.append(ann.get("id", i))
+            continue
+        per_image[ann["image_id"]].append(([x, y, x + w, y + h], label_of[ann["category_id"]]))
     if degenerate:
         log.warning("%s: %d zero-area boxes kept out of training targets (first: annotation id %s)",
                     json_path, len(degenerate), degenerate[0])
     if outside:
         log.warning("%s: %d boxes lie entirely outside their image, kept out of training targets "
                     "(first: annotation id %s)", json_path, len(outside), outside[0])
-    if with_boxes and own is not None and categories is own:
-        empty = [f"{cid} {name!r}" for cid, name in zip(categories.ids, categories.names) if not boxes_per_category[cid]]
-        if empty:
-            log.warning("%s: %d of %d categories have no box in this file: %s%s (a placeholder category? it is "
-                        "trained as a class without examples)", json_path, len(empty), len(categories.ids),
-                        ", ".join(empty[:5]), " ..." if len(empty) > 5 else "")
+    return boxes_per_category
 
-    image_dir = Path(image_dir)
-    records = []
-    for image_id in sorted(images):
-        img = images[image_id]
-        path = image_dir / img["file_name"]
-        if check_files and not path.is_file():
-            raise DataError(f"{json_path}: image id {image_id}: image file not found: {path}")
-        w, h = img.get("width", 0), img.get("height", 0)
-        anns = per_image[image_id]
-        boxes = np.array([a[0] for a in anns], dtype=np.float32).reshape(-1, 4)
-        if len(boxes) and w > 0 and h > 0:
-            boxes[:, 0::2] = boxes[:, 0::2].clip(0, w)
-            boxes[:, 1::2] = boxes[:, 1::2].clip(0, h)
-            keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-            boxes, anns = boxes[keep], [a for a, k in zip(anns, keep) if k]
-        labels = np.array([a[1] for a in anns], dtype=np.int64)
-        records.append(ImageRecord(image_id, str(path), w, h, boxes, labels))
-    return records, categories
+
+def _warn_empty_categories(json_path: Path, categories: Categories, boxes_per_category: dict[int, int]) -> None:
+    empty = [f"{cid} {name!r}" for cid, name in zip(categories.ids, categories.names) if not boxes_per_category[cid]]
+    if empty:
+        log.warning("%s: %d of %d categories have no box in this file: %s%s (a placeholder category? it is "
+                    "trained as a class without examples)", json_path, len(empty), len(categories.ids),
+                    ", ".join(empty[:5]), " ..." if len(empty) > 5 else "")
+
+
+def _record(json_path: Path, image_dir: Path, image_id: int, img: dict, anns: list, check_files: bool) -> ImageRecord:
+    """One image's record; boxes clipped to the image (those clipped to nothing dropped)."""
+    path = image_dir / img["file_name"]
+    if check_files and not path.is_file():
+        raise DataError(f"{json_path}: image id {image_id}: image file not found: {path}")
+    w, h = img.get("width", 0), img.get("height", 0)
+    boxes = np.array([a[0] for a in anns], dtype=np.float32).reshape(-1, 4)
+    if len(boxes) and w > 0 and h > 0:
+        boxes[:, 0::2] = boxes[:, 0::2].clip(0, w)
+        boxes[:, 1::2] = boxes[:, 1::2].clip(0, h)
+        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        boxes, anns = boxes[keep], [a for a, k in zip(anns, keep) if k]
+    labels = np.array([a[1] for a in anns], dtype=np.int64)
+    return ImageRecord(image_id, str(path), w, h, boxes, labels)
 
 
 def load_folder_records(image_dir: str | Path, first_id: int = 1) -> list[ImageRecord]:

@@ -1,8 +1,8 @@
 """The data stage: what the trainer consumes, and the plain-torch implementation of it.
 
 The trainer sees only `DataStage` (three iterators of typed batches). This module's
-`TorchDataStage` builds them from torch DataLoaders; the DALI stage (a later module) will
-provide the same interface.
+`TorchDataStage` builds them from torch DataLoaders; `data/dali_stage.py`'s `DaliDataStage`
+builds the same batches with NVIDIA DALI pipelines.
 
 Streams are infinite and sharded by rank: the global order is a concatenation of seeded
 permutations (one per epoch), and rank r of w takes global positions r, r + w, r + 2w, ...
@@ -12,7 +12,6 @@ the checkpoint was written.
 from __future__ import annotations
 
 import atexit
-import hashlib
 import logging
 import multiprocessing
 import os
@@ -27,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from acrst_fast.augment.host import mark_host
 from acrst_fast.config import AugmentConfig
 from acrst_fast.data.coco import DataError, ImageRecord, decode_image
+from acrst_fast.streams import Stream, sample_seed  # noqa: F401 - sample_seed: also the loader's API
 from acrst_fast.data.transforms import (
     Geometry, StrongParams, apply_geometry_to_boxes, apply_geometry_to_image, apply_strong, sample_geometry,
     sample_strong, strong_photometric,
@@ -54,7 +54,7 @@ def ignore_stop_signals(_worker_id: int = 0) -> None:
 
 
 log = logging.getLogger(__name__)
-STREAM_LABELED, STREAM_UNLABELED, STREAM_VAL = 0, 1, 2
+STREAM_LABELED, STREAM_UNLABELED, STREAM_VAL = Stream.LABELED, Stream.UNLABELED, Stream.VAL
 
 
 @dataclass
@@ -142,12 +142,6 @@ class DataStage(Protocol):
     def labeled(self, start_step: int) -> Iterator[Batch]: ...  # strong (+ weak if asked) view + ground truth
     def unlabeled(self, start_step: int) -> Iterator[Batch]: ...  # weak + strong views; boxes: hidden GT only
     def val(self) -> Iterator[Batch]: ...  # weak view at test scale; this rank's shard only
-
-
-def sample_seed(seed: int, stream: int, position: int) -> int:
-    """A 63-bit seed for one sample, from (run seed, stream id, global position)."""
-    digest = hashlib.blake2b(f"{seed}:{stream}:{position}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
 class ShardedStreamSampler(Sampler):

@@ -1,6 +1,7 @@
 """Build what a training run is made of, from its config: the detector runner (student, optimizer,
-data stage, ACRST, SSMLL classifier) of one rank. The command-line modules and the benches call
-these; nothing here reads the command line or writes files.
+data stage, ACRST, SSMLL classifier) of one rank, and the SSMLL classifier's runner with its data.
+The command-line modules and the benches call these; nothing here reads the command line or writes
+files.
 """
 from __future__ import annotations
 
@@ -15,8 +16,11 @@ from acrst_fast.config import Config, ConfigError
 from acrst_fast.data.dali_stage import DaliDataStage
 from acrst_fast.data.loader import TorchDataStage
 from acrst_fast.engine.mean_teacher import MeanTeacher, StudentLosses
+from acrst_fast.engine.ssmll_runner import SSMLLRunner
 from acrst_fast.models.detector import build_detector
+from acrst_fast.ssmll.data import SquareViews, dali_step_batches, eval_loader, step_loader
 from acrst_fast.ssmll.model import load_classifier
+from acrst_fast.streams import Stream
 
 
 def _per_rank(total: int, world: int, key: str, source: str) -> int:
@@ -86,3 +90,31 @@ def build_runner(cfg: Config, datasets, info, source: str,
                          hidden_gt=any(len(r.boxes) for r in datasets.unlabeled),
                          classifier=classifier, classifier_size=classifier_size)
     return runner, stage
+
+
+def build_ssmll_runner(cfg: Config, datasets, info, source: str) -> tuple[SSMLLRunner, dict]:
+    """The SSMLL runner of one rank (its data: this rank's slice of each step's batch, from
+    `ssmll.data.SquareViews`, made by DALI with `data.pipeline=dali`) and its evaluation loaders
+    ({"val": ..., "unlabeled": ... when the unlabeled split has hidden ground truth}, this rank's shard)."""
+    m, k = cfg.ssmll, datasets.categories.num_classes
+    for key in ("batch_labeled", "batch_unlabeled"):
+        _per_rank(getattr(m, key), info.world, f"ssmll.{key}", source)
+    views = {"labeled": SquareViews(datasets.labeled, k, m.input_size, cfg.augment, cfg.run.seed, Stream.SSMLL_LABELED),
+             "unlabeled": SquareViews(datasets.unlabeled, k, m.input_size, cfg.augment, cfg.run.seed,
+                                      Stream.SSMLL_UNLABELED)}
+    batch = {"labeled": m.batch_labeled, "unlabeled": m.batch_unlabeled}
+    workers = cfg.data.num_workers
+    device_id = info.device.index if info.device.type == "cuda" else None
+
+    def batches(split: str, first: int, end: int):
+        if cfg.data.pipeline == "dali":  # the detector's DALI pipeline, at input_size x input_size
+            return dali_step_batches(views[split], batch[split], first, end, device_id, max(1, workers),
+                                     cfg.data.bad_images, info.rank, info.world)
+        return iter(step_loader(views[split], batch[split], first, end, workers, info.rank, info.world))
+
+    runner = SSMLLRunner(cfg, k, info.device, batches, info.rank, info.world)
+    splits = {"val": datasets.val} | ({"unlabeled": datasets.unlabeled}
+                                      if any(len(r.labels) for r in datasets.unlabeled) else {})
+    loaders = {s: eval_loader(r, k, m.input_size, cfg.augment, m.batch_labeled, workers, info.rank, info.world)
+               for s, r in splits.items()}
+    return runner, loaders

@@ -23,7 +23,11 @@ LAST_GOOD = "last_good.json"
 
 
 class DivergenceGuard(HookBase):
-    """Tracks the step losses every rank agreed on (`trainer.losses`) and promotes checkpoints to good."""
+    """Tracks the step losses every rank agreed on (`trainer.losses`) and promotes checkpoints to good.
+    Before each checkpoint it tests the new one and shares the steps not to prune as
+    `trainer.storage["protected_steps"]`."""
+
+    name = "divergence"
 
     def __init__(self, run_dir: Path, check_steps: int, factor: float, is_main: bool):
         self.run_dir, self.check_steps, self.factor, self.is_main = run_dir, check_steps, factor, is_main
@@ -35,6 +39,10 @@ class DivergenceGuard(HookBase):
     def protected(self) -> tuple[int, ...]:
         """Checkpoint steps that must not be pruned: the last good one and those under test."""
         return tuple(self.pending) + ((self.last_good,) if self.last_good is not None else ())
+
+    def before_checkpoint(self, trainer: Trainer) -> None:
+        self.on_saved(trainer.step)
+        trainer.storage["protected_steps"] = self.protected()
 
     def on_saved(self, step: int) -> None:
         """A checkpoint of `step` was written: test it against the level of the steps before it."""

@@ -7,6 +7,8 @@ trained with. Frozen parameters (requires_grad=False) are averaged too; they are
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -39,3 +41,35 @@ def ema_update_ref(teacher: nn.Module, student: nn.Module, decay: float) -> None
             tp.mul_(decay).add_(sp, alpha=1.0 - decay)
     for tb, sb in zip(teacher.buffers(), student.buffers()):
         tb.copy_(sb)
+
+
+class EmaTeacher:
+    """The teacher of a Mean Teacher, in the manner of timm's `ModelEmaV3`: a frozen copy of the student
+    (eval mode, no gradients) that `reset` copies from the student when mutual learning starts, `update`
+    moves towards it by the fused EMA above, and that saves and loads its own state. The detector's Mean
+    Teacher and SSMLL's share it. `module` is the network; calling the teacher calls it.
+    """
+
+    def __init__(self, student: nn.Module, decay: float):
+        self.decay = decay
+        self.module = copy.deepcopy(student).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    @torch.no_grad()
+    def reset(self, student: nn.Module) -> None:
+        """Teacher <- student (the start of mutual learning)."""
+        self.module.load_state_dict(student.state_dict())
+
+    def update(self, student: nn.Module) -> None:
+        """Teacher <- decay * teacher + (1 - decay) * student (`ema_update`)."""
+        ema_update(self.module, student, self.decay)
+
+    def state_dict(self) -> dict:
+        return self.module.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state)

@@ -1,7 +1,9 @@
-"""Hooks of the mean-teacher loop: LR schedule, EMA, checkpoint, evaluation, logging.
+"""Hooks of the training loop (the detector's and SSMLL's): LR schedule, EMA, evaluation, diagnostics,
+logging, checkpoint.
 
 Only rank 0 writes files; every rank takes part in collective calls (metric reduction,
-evaluation gathering, RNG-state gathering) in the same order.
+evaluation gathering, RNG-state gathering) in the same order. Hooks share values through
+`trainer.storage` ("lr", "eval_history", "log_deferred"), never through each other.
 """
 from __future__ import annotations
 
@@ -16,11 +18,11 @@ from typing import Callable
 from tqdm import tqdm
 
 from acrst_fast import dist
+from acrst_fast import metric_names as M
 from acrst_fast.config import SolverConfig
 from acrst_fast.augment.host import to_host
 from acrst_fast.engine import checkpoint as ckpt
-from acrst_fast.engine.divergence import DivergenceGuard
-from acrst_fast.engine.mean_teacher import PHASE_MUTUAL, MeanTeacher, StepOutput
+from acrst_fast.engine.outputs import PHASE_MUTUAL, Deferred, StepOutput, resolve_deferred
 from acrst_fast.engine.trainer import HookBase, Trainer
 from acrst_fast.safe_io import atomic_write_text
 
@@ -35,27 +37,40 @@ def lr_at(step: int, s: SolverConfig) -> float:
 
 
 class LRScheduleHook(HookBase):
-    """Sets the learning rate of every param group before each step (a pure function of the step)."""
+    """Sets the learning rate of every param group before each step, `lr_at(step)` (a pure function of
+    the step), and shares it as `trainer.storage["lr"]`."""
 
-    def __init__(self, runner: MeanTeacher, solver: SolverConfig):
-        self.runner, self.solver = runner, solver
-        self.lr = solver.lr
+    def __init__(self, optimizer, lr_at: Callable[[int], float]):
+        self.optimizer, self.lr_at = optimizer, lr_at
 
     def before_step(self, trainer: Trainer) -> None:
-        self.lr = lr_at(trainer.step, self.solver)
-        for group in self.runner.optimizer.param_groups:
-            group["lr"] = self.lr
+        lr = trainer.storage["lr"] = self.lr_at(trainer.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
 
 
 class EMAHook(HookBase):
-    """Teacher <- EMA of the student after every mutual-learning step."""
+    """Teacher <- EMA of the student after every mutual-learning step (`runner.update_teacher`)."""
 
-    def __init__(self, runner: MeanTeacher):
+    def __init__(self, runner):
         self.runner = runner
 
     def after_step(self, trainer: Trainer) -> None:
         if trainer.output.phase == PHASE_MUTUAL:
             self.runner.update_teacher()
+
+
+class DiagnosticsHook(HookBase):
+    """Every `period` steps (and at the last), the runner's state diagnostics (`runner.diagnostics()`:
+    a `Deferred`, e.g. ACRST's Pseudo Recall, mu, bank fill) join the next log line through
+    `trainer.storage["log_deferred"]`: read from the device with the log window, in the same host read."""
+
+    def __init__(self, diagnostics: Callable[[], Deferred], period: int, total: int):
+        self.diagnostics, self.period, self.total = diagnostics, period, total
+
+    def after_step(self, trainer: Trainer) -> None:
+        if trainer.step % self.period == 0 or trainer.step == self.total:
+            trainer.storage.setdefault("log_deferred", []).append(self.diagnostics())
 
 
 class MetricsWriter:
@@ -105,10 +120,11 @@ def _step_of(line: str) -> int:
 
 
 class LoggingHook(HookBase):
-    """Progress bar (step, losses, images/s, ETA) every step; averaged scalars every `period` steps."""
+    """Progress bar (step, losses, images/s, ETA) every step; averaged scalars every `period` steps,
+    with the learning rate and the diagnostics other hooks left in `trainer.storage`."""
 
-    def __init__(self, writer: MetricsWriter, lr_hook: LRScheduleHook, period: int, total: int, show_bar: bool):
-        self.writer, self.lr_hook, self.period, self.total = writer, lr_hook, period, total
+    def __init__(self, writer: MetricsWriter, period: int, total: int, show_bar: bool):
+        self.writer, self.period, self.total = writer, period, total
         self.show_bar = show_bar and writer.enabled
         self._window: list[StepOutput] = []
         self._t0 = time.perf_counter()
@@ -120,55 +136,64 @@ class LoggingHook(HookBase):
         self._t0 = time.perf_counter()
 
     def after_step(self, trainer: Trainer) -> None:
-        out: StepOutput = trainer.output
-        self._window.append(out)
+        self._window.append(trainer.output)
         if self.bar is not None:
             self.bar.update(1)
         if trainer.step % self.period == 0 or trainer.step == self.total:
-            self._flush(trainer.step)
+            self._flush(trainer)
 
-    def _flush(self, step: int) -> None:
-        n = len(self._window)
-        if n == 0:
-            return
-        elapsed = time.perf_counter() - self._t0
-        # the window's losses and deferred metrics, read from the device in one go
+    def _read(self, extra: list[Deferred]) -> tuple[list[dict[str, float]], dict[str, float]]:
+        """The window's step values and the extra deferred metrics, read from the device in one go."""
         tensors = [o.tensors() for o in self._window]
-        host = to_host(*(t for ts in tensors for t in ts))
+        host = to_host(*(t for ts in tensors for t in ts), *(t for d in extra for t in d.tensors))
         values, at = [], 0
         for o, ts in zip(self._window, tensors):
             values.append(o.resolve(host[at:at + len(ts)]))
             at += len(ts)
-        local = {"total": sum(v["total"] for v in values) / n,
-                 "images_per_s": sum(o.images for o in self._window) / max(elapsed, 1e-9),
-                 "pseudo_per_image": sum(o.pseudo_per_image for o in self._window) / n}
+        return values, resolve_deferred(extra, host[at:])
+
+    def _local(self, values: list[dict[str, float]], elapsed: float) -> dict[str, float]:
+        """This rank's averages over the window. A key is averaged over the steps that report it: a window
+        spanning the switch from pre-training to mutual learning averages unsup losses over the mutual
+        steps only."""
+        n = len(self._window)
+        local = {M.TOTAL: sum(v[M.TOTAL] for v in values) / n,
+                 M.IMAGES_PER_S: sum(o.images for o in self._window) / max(elapsed, 1e-9),
+                 M.PSEUDO_PER_IMAGE: sum(o.pseudo_per_image for o in self._window) / n}
         for part in dict.fromkeys(k for o in self._window for k in o.seconds):  # in order of first appearance
-            local[f"time/{part}"] = sum(o.seconds.get(part, 0.0) for o in self._window) / n
-        # a key is averaged over the steps that report it: a window spanning the switch from
-        # pre-training to mutual learning averages unsup losses over the mutual steps only
+            local[M.key(M.TIME, part)] = sum(o.seconds.get(part, 0.0) for o in self._window) / n
         total: dict[str, float] = {}
         count: dict[str, int] = {}
         for v in values:
             for k, x in v.items():
-                if k == "total":
-                    continue
-                total[k] = total.get(k, 0.0) + x
-                count[k] = count.get(k, 0) + 1
-        local.update({k: v / count[k] for k, v in total.items()})
-        avg = dist.all_reduce_mean(local)
-        avg["images_per_s"] *= dist.world_size()  # summed over ranks
-        record = {"kind": "train", "step": step, "phase": self._window[-1].phase, "lr": self.lr_hook.lr, **avg}
-        self.writer.write(record, {("train/" + k if "/" not in k else k): v for k, v in avg.items()} |
-                          {"train/lr": self.lr_hook.lr})
+                if k != M.TOTAL:
+                    total[k] = total.get(k, 0.0) + x
+                    count[k] = count.get(k, 0) + 1
+        return local | {k: v / count[k] for k, v in total.items()}
+
+    def _flush(self, trainer: Trainer) -> None:
+        if not self._window:
+            return
+        elapsed = time.perf_counter() - self._t0
+        values, diagnostics = self._read(trainer.storage.pop("log_deferred", []))
+        avg = dist.all_reduce_mean(self._local(values, elapsed) | diagnostics)
+        avg[M.IMAGES_PER_S] *= dist.world_size()  # summed over ranks
+        lr = trainer.storage.get("lr", float("nan"))
+        record = {"kind": "train", "step": trainer.step, "phase": self._window[-1].phase, "lr": lr, **avg}
+        self.writer.write(record, {("train/" + k if "/" not in k else k): v for k, v in avg.items()} | {"train/lr": lr})
         if self.bar is not None:
-            post = {"loss": f"{avg['total']:.3f}", "img/s": f"{avg['images_per_s']:.1f}", "phase": record["phase"]}
-            if "unsup/loss_classifier" in avg:
-                post["pl/img"] = f"{avg['pseudo_per_image']:.2f}"
-            if "acrst/pasted_per_image_labeled" in avg:
-                post["paste/img"] = f"{avg['acrst/pasted_per_image_labeled']:.1f}"
-            self.bar.set_postfix(post, refresh=False)
+            self.bar.set_postfix(self._postfix(avg, record["phase"]), refresh=False)
         self._window.clear()
         self._t0 = time.perf_counter()
+
+    @staticmethod
+    def _postfix(avg: dict[str, float], phase: str) -> dict[str, str]:
+        post = {"loss": f"{avg[M.TOTAL]:.3f}", "img/s": f"{avg[M.IMAGES_PER_S]:.1f}", "phase": phase}
+        if any(k.startswith(M.UNSUP + "/") for k in avg):
+            post["pl/img"] = f"{avg[M.PSEUDO_PER_IMAGE]:.2f}"
+        if M.pasted_key("labeled") in avg:
+            post["paste/img"] = f"{avg[M.pasted_key('labeled')]:.1f}"
+        return post
 
     def after_train(self, trainer: Trainer) -> None:
         if self.bar is not None:
@@ -177,45 +202,56 @@ class LoggingHook(HookBase):
     on_interrupt = after_train
 
 
+def detector_scalars(m: dict) -> dict[str, float]:
+    """The TensorBoard scalars of a detector evaluation (COCO AP, AP50, VOC AP50)."""
+    return {k: m[k] for k in ("AP", "AP50", "voc_AP50")}
+
+
+def detector_line(m: dict) -> str:
+    return (f"AP {m['AP']:.2f}  AP50 {m['AP50']:.2f}  VOC AP50 {m['voc_AP50']:.2f}  "
+            f"({m['num_detections']} detections)")
+
+
 class EvalHook(HookBase):
     """Evaluates at the end of pre-training (the supervised baseline), every `period` steps and at the end.
 
-    `evaluate(model) -> metrics` runs on every rank. The teacher is evaluated once mutual
-    learning has started; the student always. Results go to metrics.jsonl and `self.history`.
+    `evaluate(model) -> metrics` runs on every rank. The teacher is evaluated once mutual learning
+    has started; the student always (or, with student=False, until then). Each result goes to
+    metrics.jsonl and `trainer.storage["eval_history"]`; `scalars(metrics)` are its TensorBoard
+    values and `line(metrics)` its console line (the detector's by default).
     """
 
-    def __init__(self, runner: MeanTeacher, evaluate: Callable, writer: MetricsWriter, period: int, total: int,
+    def __init__(self, runner, evaluate: Callable, writer: MetricsWriter, period: int, total: int,
                  teacher: bool, student: bool, echo: Callable[[str], None],
-                 after_eval: Callable[[], None] | None = None):
+                 after_eval: Callable[[], None] | None = None, scalars: Callable[[dict], dict] = detector_scalars,
+                 line: Callable[[dict], str] = detector_line):
         self.runner, self.evaluate, self.writer = runner, evaluate, writer
         self.period, self.total, self.teacher, self.student, self.echo = period, total, teacher, student, echo
         self.after_eval = after_eval  # e.g. refresh the run report (rank 0)
-        self.history: list[dict] = []
+        self.scalars, self.line = scalars, line
 
     def due(self, step: int) -> bool:
         return step == self.total or step == self.runner.pretrain_steps or (self.period > 0 and step % self.period == 0)
 
     def after_step(self, trainer: Trainer) -> None:
         if self.due(trainer.step):
-            self.run(trainer.step)
+            self.run(trainer.step, trainer.storage["eval_history"])
 
-    def run(self, step: int) -> None:
+    def models(self, step: int) -> list[tuple[str, object]]:
         mutual_started = step > self.runner.pretrain_steps
-        models = []
-        if self.teacher and mutual_started:
-            models.append(("teacher", self.runner.teacher))
-        if self.student or not mutual_started:
-            models.append(("student", self.runner.student))
-        for name, model in models:
+        return ([("teacher", self.runner.teacher)] if self.teacher and mutual_started else []) + \
+            ([("student", self.runner.student)] if self.student or not mutual_started else [])
+
+    def run(self, step: int, history: list[dict]) -> None:
+        for name, model in self.models(step):
             t0 = time.perf_counter()
             m = self.evaluate(model)
             entry = {"kind": "eval", "step": step, "model": name,
                      "stage": "supervised" if step <= self.runner.pretrain_steps else "mean_teacher",
                      "seconds": time.perf_counter() - t0, **m}
-            self.history.append(entry)
-            self.writer.write(entry, {f"eval/{name}/{k}": m[k] for k in ("AP", "AP50", "voc_AP50")})
-            self.echo(f"[eval] step {step} {name} ({entry['stage']}): AP {m['AP']:.2f}  AP50 {m['AP50']:.2f}  "
-                      f"VOC AP50 {m['voc_AP50']:.2f}  ({m['num_detections']} detections)")
+            history.append(entry)
+            self.writer.write(entry, {f"eval/{name}/{k}": v for k, v in self.scalars(m).items()})
+            self.echo(f"[eval] step {step} {name} ({entry['stage']}): {self.line(m)}")
         if self.after_eval is not None:
             self.after_eval()
 
@@ -223,73 +259,62 @@ class EvalHook(HookBase):
 class CheckpointHook(HookBase):
     """Atomic checkpoints every `period` steps, at the end, and when a stop is requested.
 
-    Holds everything needed to continue bit-for-bit: student, teacher, optimizer, step, every
-    rank's RNG states, evaluation history.
+    The checkpoint is the trainer's state dict (step, runner: student, teacher, optimizer; storage:
+    the evaluation history; the hooks' states) with every rank's RNG states and the run's config;
+    each rank's own state (its CropBank) goes to a file of its own. Checkpoints named in
+    `trainer.storage["protected_steps"]` (the divergence guard's last good one) are never pruned.
     """
 
-    def __init__(self, runner: MeanTeacher, run_dir: Path, period: int, keep: int, total: int, rank: int,
-                 eval_hook: EvalHook | None, config: dict, guard: DivergenceGuard | None = None):
-        self.runner, self.run_dir, self.period, self.keep, self.total = runner, run_dir, period, keep, total
-        self.rank, self.is_main, self.eval_hook, self.config = rank, rank == 0, eval_hook, config
-        self.guard = guard
+    def __init__(self, run_dir: Path, period: int, keep: int, total: int, rank: int, config: dict):
+        self.run_dir, self.period, self.keep, self.total = run_dir, period, keep, total
+        self.rank, self.is_main, self.config = rank, rank == 0, config
 
-    def save(self, step: int) -> None:
-        """Each rank writes its own state (its CropBank) first; rank 0 writes the main file last, so a
-        main file on disk means every rank's part of that checkpoint is complete."""
-        if self.runner.acrst is not None:
-            ckpt.atomic_save({"step": step, "acrst": self.runner.acrst.state_dict()},
-                             ckpt.rank_state_path(self.run_dir, step, self.rank))
+    def save(self, trainer: Trainer) -> None:
+        """Each rank writes its own state first; rank 0 writes the main file last, so a main file on
+        disk means every rank's part of that checkpoint is complete."""
+        step = trainer.step
+        own = trainer.rank_state_dict()
+        if own:
+            ckpt.atomic_save({"step": step, **own}, ckpt.rank_state_path(self.run_dir, step, self.rank))
         rngs = dist.gather_to_main(ckpt.rng_state())  # also a barrier: every rank's part is on disk
-        if self.guard is not None:
-            self.guard.on_saved(step)
+        state = trainer.state_dict()  # every rank: hooks see the checkpoint (the guard tests it)
         if not self.is_main:
             return
-        state = {
-            "step": step,
-            "student": self.runner.student.state_dict(),
-            "teacher": self.runner.teacher.state_dict(),
-            "optimizer": self.runner.optimizer.state_dict(),
-            "grad_scaler": self.runner.precision.state_dict(),
-            "rng": rngs,
-            "eval_history": self.eval_hook.history if self.eval_hook else [],
-            "config": self.config,
-            "divergence": self.guard.state_dict() if self.guard is not None else {},
-        }
-        ckpt.atomic_save(state, ckpt.checkpoint_path(self.run_dir, step))
-        ckpt.prune(self.run_dir, self.keep, self.guard.protected() if self.guard is not None else ())
+        ckpt.atomic_save(state | {"rng": rngs, "config": self.config}, ckpt.checkpoint_path(self.run_dir, step))
+        ckpt.prune(self.run_dir, self.keep, tuple(trainer.storage.get("protected_steps", ())))
 
     def after_step(self, trainer: Trainer) -> None:
         if trainer.step == self.total or (self.period > 0 and trainer.step % self.period == 0):
-            self.save(trainer.step)
+            self.save(trainer)
 
     def on_interrupt(self, trainer: Trainer) -> None:
         if ckpt.checkpoint_path(self.run_dir, trainer.step).is_file():
             return
-        self.save(trainer.step)
+        self.save(trainer)
 
 
-def restore(runner: MeanTeacher, path: Path, state: dict, rank: int, config: dict) -> tuple[int, list[dict]]:
-    """Load checkpoint `state` (read from `path`) into the runner; returns (step, eval history).
+def restore(trainer: Trainer, path: Path, state: dict, rank: int, config: dict) -> int:
+    """Load checkpoint `state` (read from `path`) into the trainer (and this rank's own part, beside
+    it); returns its step.
 
     A checkpoint of another model (a changed model setting or class list) is a CheckpointError
     naming the config keys that differ, in one line."""
+    if "runner" not in state:
+        raise ckpt.CheckpointError(f"{path}: a checkpoint of an older acrst_fast (no 'runner' state); start a new "
+                                   "run.output_dir")
     try:
-        runner.student.load_state_dict(state["student"])
-        runner.teacher.load_state_dict(state["teacher"])
+        trainer.load_state_dict(state)
     except RuntimeError as exc:
         raise ckpt.CheckpointError(f"{path}: {_model_mismatch(state.get('config', {}), config, exc)}") from None
-    runner.optimizer.load_state_dict(state["optimizer"])
-    runner.precision.load_state_dict(state.get("grad_scaler", {}))
     rngs = state["rng"]
     ckpt.set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
-    step = int(state["step"])
-    if runner.acrst is not None:
-        part = ckpt.rank_state_path(path.parent, step, rank)
+    if trainer.runner.rank_state_dict():
+        part = ckpt.rank_state_path(path.parent, trainer.step, rank)
         if not part.is_file():
-            raise ckpt.CheckpointError(f"{path}: this rank's ACRST state {part.name} is missing (was the run started "
+            raise ckpt.CheckpointError(f"{path}: this rank's state {part.name} is missing (was the run started "
                                        "without acrst.fbr, or with fewer processes?)")
-        runner.acrst.load_state_dict(ckpt.load(part)["acrst"])
-    return step, list(state.get("eval_history", []))
+        trainer.load_rank_state_dict(ckpt.load(part))
+    return trainer.step
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

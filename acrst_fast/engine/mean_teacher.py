@@ -17,83 +17,76 @@ Pseudo bank from the kept pseudo-labels on the unlabeled weak views, every mutua
 """
 from __future__ import annotations
 
-import copy
 import os
-from dataclasses import dataclass, field
-from typing import Callable, Iterator
-
-import numpy as np
+from dataclasses import dataclass, field, replace
+from typing import Iterator
 
 import torch
 from torch import nn
 
+from acrst_fast import metric_names as M
 from acrst_fast.augment import ACRST, class_histogram
-from acrst_fast.augment.host import mark_host, to_host
+from acrst_fast.augment.host import mark_host
 from acrst_fast.config import Config
-from acrst_fast.data.loader import Batch, DataStage, sample_seed
+from acrst_fast.data.loader import Batch, DataStage
 from acrst_fast.engine.amp import Precision, float_outputs
-from acrst_fast.engine.ema import ema_update
+from acrst_fast.engine.ema import EmaTeacher
+from acrst_fast.engine.outputs import PHASE_PRETRAIN, Deferred, StepOutput
+from acrst_fast.engine.runner import StudentTeacherRunner
 from acrst_fast.ops import box_iou_ref
 from acrst_fast.pseudo_labels import filter_pseudo_labels
 from acrst_fast.ssmll.metrics import image_labels, negative_metrics
 from acrst_fast.ssmll.model import preprocess
-from acrst_fast.timing import clock
+from acrst_fast.streams import Stream, generator
+from acrst_fast.timing import StepClock
 
 SUP_LOSS_TERMS = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg")
 UNSUP_LOSS_TERMS = ("loss_objectness", "loss_classifier")  # classification terms only (Eq. 5)
 SELECTIVE_REG_TERMS = ("loss_rpn_box_reg", "loss_box_reg")  # added with selective supervision (Eq. 10)
-PHASE_PRETRAIN, PHASE_MUTUAL = "pretrain", "mutual"
+
+Targets = list[dict[str, torch.Tensor]]
 
 
 @dataclass
-class Deferred:
-    """Metrics that need values from the device, computed at the log flush rather than in the step:
-    `finish(host copies of tensors)` returns {name: float}. The logger reads the tensors of all the
-    window's steps in one host read."""
+class PseudoLabels:
+    """The teacher's part of a step. weak: the unlabeled weak views (list of Tensor[3, H, W] on the
+    device); predictions: the teacher's raw detections on them; kept: the pseudo-labels that passed
+    the filter ({"boxes": Tensor[N, 4] x1y1x2y2 pixels, "labels": Tensor[N] 1..K, "scores": Tensor[N]}
+    per image); deferred: their quality metrics, computed at the log flush."""
 
-    tensors: tuple[torch.Tensor, ...]
-    finish: Callable[[list[np.ndarray]], dict[str, float]]
+    weak: list[torch.Tensor]
+    predictions: list[dict[str, torch.Tensor]]
+    kept: list[dict[str, torch.Tensor]]
+    deferred: list[Deferred]
+
+    @property
+    def count(self) -> int:
+        return sum(len(p["boxes"]) for p in self.kept)  # shapes: host values
+
+    def targets(self) -> Targets:
+        return [{"boxes": p["boxes"], "labels": p["labels"]} for p in self.kept]
 
 
 @dataclass
-class StepOutput:
-    """What one step reports. Loss values are detached 0-dim tensors on the device (read by the logger
-    once per log period, and by the trainer's stop agreement once per step); `deferred` holds the
-    metrics that need the host (ACRST diagnostics, pseudo-label quality)."""
+class StudentInputs:
+    """What the student learns from in a step: images (list of Tensor[3, H, W] on the device) and targets
+    ({"boxes": Tensor[N, 4] x1y1x2y2, "labels": Tensor[N] 1..K, optional "reg_weight": Tensor[N]}) of the
+    labeled strong views and, in mutual learning, of the unlabeled strong views."""
 
-    phase: str
+    lab_images: list[torch.Tensor]
+    lab_targets: Targets
+    unl_images: list[torch.Tensor] | None = None
+    unl_targets: Targets | None = None
+    extras: dict[str, float] = field(default_factory=dict)  # host values of the rebalancing (pasted per image)
+
+
+@dataclass
+class Losses:
+    """The student's losses: sup and unsup terms (device tensors, unweighted) and the weighted total."""
+
     sup: dict[str, torch.Tensor]
     unsup: dict[str, torch.Tensor]
     total: torch.Tensor
-    images: int
-    pseudo_per_image: float = 0.0
-    seconds: dict[str, float] = field(default_factory=dict)
-    extras: dict[str, float] = field(default_factory=dict)  # host values, averaged by the logger
-    deferred: list[Deferred] = field(default_factory=list)
-
-    def tensors(self) -> list[torch.Tensor]:
-        """Every device value of the step, in the order `resolve` expects them."""
-        return [self.total, *self.sup.values(), *self.unsup.values(), *(t for d in self.deferred for t in d.tensors)]
-
-    def resolve(self, host: list[np.ndarray] | None = None) -> dict[str, float]:
-        """All of the step's scalars as floats: total, sup/*, unsup/*, extras and the deferred metrics.
-        `host`: the host copies of `tensors()` (read here when not given)."""
-        host = to_host(*self.tensors()) if host is None else host
-        it = iter(host)
-        out = {"total": float(next(it))}
-        out |= {f"sup/{k}": float(next(it)) for k in self.sup}
-        out |= {f"unsup/{k}": float(next(it)) for k in self.unsup}
-        out |= self.extras
-        for d in self.deferred:
-            out |= d.finish([next(it) for _ in d.tensors])
-        return out
-
-    def describe(self) -> str:
-        """The loss and its terms, for the divergence message (reads the device)."""
-        v = self.resolve()
-        terms = lambda group: "{" + ", ".join(f"{k.split('/', 1)[1]}: {x:.4g}" for k, x in v.items()  # noqa: E731
-                                              if k.startswith(group + "/")) + "}"
-        return f"loss {v['total']:.4g}; sup {terms('sup')}" + (f", unsup {terms('unsup')}" if self.unsup else "")
 
 
 class StudentLosses(nn.Module):
@@ -136,11 +129,12 @@ def match_counts(pseudo: list[dict[str, torch.Tensor]], gt_boxes: list[torch.Ten
     return tp, n_pl, n_gt
 
 
-class MeanTeacher:
+class MeanTeacher(StudentTeacherRunner):
     """Holds student, teacher, optimizer and data streams; `run_step(step)` does one step.
 
     student: the detector (unwrapped); student_losses: `StudentLosses` over it, DDP-wrapped when
-    distributed; the teacher is a separate module outside DDP, updated in place by `update_teacher`.
+    distributed; the teacher (`EmaTeacher`) is a separate module outside DDP, updated in place by
+    `update_teacher`.
     """
 
     def __init__(self, cfg: Config, student: nn.Module, student_losses: nn.Module, optimizer: torch.optim.Optimizer,
@@ -162,9 +156,7 @@ class MeanTeacher:
         self.filter_mode = cfg.ssmll.filter
         if self.filter_mode != "single" and classifier is None:
             raise ValueError(f"ssmll.filter={self.filter_mode} needs the SSMLL classifier")
-        self.teacher = copy.deepcopy(student).eval()
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
+        self.ema = EmaTeacher(student, cfg.mean_teacher.ema_decay)
         self.pretrain_steps = cfg.solver.pretrain_steps
         self._labeled: Iterator[Batch] | None = None
         self._unlabeled: Iterator[Batch] | None = None
@@ -175,12 +167,6 @@ class MeanTeacher:
         inject = os.environ.get("ACRST_INJECT_NAN", "")  # "STEP:RANK": this rank's loss at STEP becomes NaN
         self._inject_nan_at = int(inject.split(":")[0]) if inject and int(inject.split(":")[1]) == rank else -1
 
-    def _now(self) -> float:
-        return clock(self.device, self.sync_timing)
-
-    def phase(self, step: int) -> str:
-        return PHASE_PRETRAIN if step < self.pretrain_steps else PHASE_MUTUAL
-
     def start(self, step: int) -> None:
         """Open the data streams at the positions of `step` (0 for a new run, the checkpoint's on resume)."""
         self._labeled = self.data.labeled(step)
@@ -189,75 +175,89 @@ class MeanTeacher:
     def _to(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
         return [im.to(self.device, non_blocking=True) for im in images]
 
-    def _generator(self, step: int, purpose: int) -> torch.Generator:
-        """Randomness of ACRST for (step, purpose) on this rank: the same after a resume."""
-        return torch.Generator().manual_seed(sample_seed(self.cfg.run.seed, 100 + purpose, step * self.world + self.rank))
+    def _generator(self, step: int, stream: Stream) -> torch.Generator:
+        """Randomness of ACRST for (step, stream) on this rank: the same after a resume."""
+        return generator(self.cfg.run.seed, stream, step * self.world + self.rank)
 
     def run_step(self, step: int) -> StepOutput:
         """One step, in the paper's order (Fig. 3): data; teacher pseudo-labels with the two-stage
         filter; ACRST (bank, Pseudo Recall, paste); student losses; optimisation. The host reads the
         device a fixed number of times, whatever the batch size or the number of pseudo-labels."""
-        t0 = self._now()
+        clock = StepClock(self.device, self.sync_timing)
+        lab, unl = self._batches(step)
+        clock.mark("data")
+        inputs = StudentInputs(self._to(lab.strong), lab.targets(self.device))
+        pseudo = None
+        if unl is not None:
+            pseudo = self.pseudo_labels(step, unl)
+            inputs = replace(inputs, unl_images=self._to(unl.strong), unl_targets=pseudo.targets())
+        clock.mark("teacher")
+        if self.acrst is not None:
+            inputs = self.rebalance(step, lab, inputs)
+        clock.mark("acrst")
+        losses = self.losses(step, inputs)
+        self.optimise(losses.total)
+        clock.mark("student")
+        return self._output(step, len(lab), inputs, pseudo, losses, clock.seconds)
+
+    def _batches(self, step: int) -> tuple[Batch, Batch | None]:
+        """This step's labeled batch and, in mutual learning, its unlabeled batch."""
         if self._labeled is None:
             self.start(step)
         lab = next(self._labeled)
-        lab_images, lab_targets = self._to(lab.strong), lab.targets(self.device)
-        unl, unl_images, unl_targets, pseudo, n_unl = None, None, None, None, 0
-        deferred: list[Deferred] = []
-        t_data = self._now()
-        if self.phase(step) == PHASE_MUTUAL:
-            if step == self.pretrain_steps:
-                self.teacher.load_state_dict(self.student.state_dict())
-            if self._unlabeled is None:
-                self._unlabeled = self.data.unlabeled(step - self.pretrain_steps)
-            unl = next(self._unlabeled)
-            t_data = self._now()
-            weak = self._to(unl.weak)
-            pseudo, predictions, deferred = self._pseudo_labels(weak, unl)
-            self.last_pseudo_count = sum(len(p["boxes"]) for p in pseudo)  # shapes: host values
-            if self.acrst is not None:
-                self.acrst.observe_teacher(weak, predictions, pseudo, self._generator(step, 0))
-            unl_images, n_unl = self._to(unl.strong), len(unl)
-            unl_targets = [{"boxes": p["boxes"], "labels": p["labels"]} for p in pseudo]
-        t_teacher = self._now()
+        if self.phase(step) == PHASE_PRETRAIN:
+            return lab, None
+        if self._unlabeled is None:
+            self._unlabeled = self.data.unlabeled(step - self.pretrain_steps)
+        return lab, next(self._unlabeled)
 
-        extras: dict[str, float] = {}
+    def pseudo_labels(self, step: int, unl: Batch) -> PseudoLabels:
+        """The teacher (copied from the student when mutual learning starts) on the weak views, the
+        two-stage filter, and the Pseudo bank's share of the teacher's detections."""
+        if step == self.pretrain_steps:
+            self.ema.reset(self.student)
+        weak = self._to(unl.weak)
+        kept, predictions, deferred = self._pseudo_labels(weak, unl)
+        pseudo = PseudoLabels(weak, predictions, kept, deferred)
+        self.last_pseudo_count = pseudo.count
         if self.acrst is not None:
-            lab_images, lab_targets, unl_images, unl_targets = self._rebalance(
-                step, lab, lab_images, lab_targets, unl_images, unl_targets, extras)
-            tensors, finish = self.acrst.diagnostics_deferred(self.gt_class_counts)
-            deferred.append(Deferred(tensors, lambda host, finish=finish: self._diagnostics(finish(host))))
-        t_paste = self._now()
+            self.acrst.observe_teacher(weak, predictions, kept, self._generator(step, Stream.ACRST_OBSERVE))
+        return pseudo
 
+    def losses(self, step: int, inputs: StudentInputs) -> Losses:
+        """The student's forward on both groups (one DDP forward): L = L_sup + lambda_unsup * L_unsup."""
         self.student.train()
         with self.precision.autocast():
-            sup, unsup = self.student_losses(lab_images, lab_targets, unl_images, unl_targets)
+            sup, unsup = self.student_losses(inputs.lab_images, inputs.lab_targets, inputs.unl_images,
+                                             inputs.unl_targets)
         unsup_terms = UNSUP_LOSS_TERMS + (SELECTIVE_REG_TERMS if self.selective else ())
-        loss = sum(sup[k] for k in SUP_LOSS_TERMS)
+        total = sum(sup[k] for k in SUP_LOSS_TERMS)
         if unsup:
-            loss = loss + self.cfg.mean_teacher.lambda_unsup * sum(unsup[k] for k in unsup_terms)
+            total = total + self.cfg.mean_teacher.lambda_unsup * sum(unsup[k] for k in unsup_terms)
         if self._inject_nan_at == step:  # fault injection for the tests (ACRST_INJECT_NAN=STEP:RANK)
-            loss = loss * float("nan")
+            total = total * float("nan")
+        return Losses({k: sup[k].detach() for k in SUP_LOSS_TERMS},
+                      {k: unsup[k].detach() for k in unsup_terms} if unsup else {}, total)
+
+    def optimise(self, loss: torch.Tensor) -> None:
+        """Backward (scaled under fp16), optional gradient clipping, optimizer step."""
         self.optimizer.zero_grad(set_to_none=True)
         self.precision.backward(loss)
         if self.cfg.solver.grad_clip_norm > 0:
             self.precision.unscale(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self._params, self.cfg.solver.grad_clip_norm)
         self.precision.step(self.optimizer)
-        t_end = self._now()
-        return StepOutput(
-            phase=self.phase(step),
-            sup={k: sup[k].detach() for k in SUP_LOSS_TERMS},
-            unsup={k: unsup[k].detach() for k in unsup_terms} if unsup else {},
-            total=loss.detach(),
-            images=len(lab) + n_unl,
-            pseudo_per_image=(sum(len(p["boxes"]) for p in pseudo) / max(1, n_unl)) if pseudo is not None else 0.0,
-            seconds={"data": t_data - t0, "teacher": t_teacher - t_data, "acrst": t_paste - t_teacher,
-                     "student": t_end - t_paste,
-                     **({f"acrst_{k}": v for k, v in self.acrst.pop_seconds().items()} if self.acrst else {})},
-            extras=extras,
-            deferred=deferred,
-        )
+
+    def _output(self, step: int, n_lab: int, inputs: StudentInputs, pseudo: PseudoLabels | None, losses: Losses,
+                seconds: dict[str, float]) -> StepOutput:
+        n_unl = len(inputs.unl_images) if inputs.unl_images is not None else 0
+        if self.acrst is not None:
+            seconds |= {f"acrst_{k}": v for k, v in self.acrst.pop_seconds().items()}
+        return StepOutput(phase=self.phase(step), sup=losses.sup, unsup=losses.unsup, total=losses.total.detach(),
+                          images=n_lab + n_unl,
+                          pseudo_per_image=pseudo.count / max(1, n_unl) if pseudo is not None else 0.0,
+                          seconds=seconds, extras=inputs.extras,
+                          deferred=pseudo.deferred if pseudo is not None else [])
 
     def _pseudo_labels(self, weak: list[torch.Tensor], unl: Batch):
         """Teacher predictions on the weak views and the kept pseudo-labels (stage 1: score; stage 2:
@@ -276,9 +276,9 @@ class MeanTeacher:
                                           m.mining_min_score)
         deferred = [self._pseudo_histogram(pseudo)]
         if self.hidden_gt:  # pseudo-label quality against the hidden ground truth, at the log flush
-            deferred.append(self._pseudo_quality(pseudo, unl, "pseudo"))
+            deferred.append(self._pseudo_quality(pseudo, unl, stage1=False))
             if probs is not None:
-                deferred.append(self._pseudo_quality(stage1, unl, "pseudo/stage1"))
+                deferred.append(self._pseudo_quality(stage1, unl, stage1=True))
                 deferred.append(self._classifier_negatives(probs, unl))
         return pseudo, predictions, deferred
 
@@ -286,11 +286,11 @@ class MeanTeacher:
         """Pseudo-label class histogram (report: GT vs pseudo-label distribution)."""
         labels = torch.cat([p["labels"] for p in pseudo]) if pseudo else torch.zeros(0, dtype=torch.int64)
         counts = class_histogram(labels, len(self.class_names))
-        return Deferred((counts,), lambda host: {f"pseudo/count/{name}": float(c)
+        return Deferred((counts,), lambda host: {M.class_key(M.PSEUDO_COUNT, name): float(c)
                                                  for name, c in zip(self.class_names, host[0].tolist())})
 
     @staticmethod
-    def _pseudo_quality(pseudo: list[dict], unl: Batch, prefix: str) -> Deferred:
+    def _pseudo_quality(pseudo: list[dict], unl: Batch, stage1: bool) -> Deferred:
         """tp / pseudo-labels / hidden ground truths of one step (`match_counts`), computed at the flush."""
         sizes = [len(p["boxes"]) for p in pseudo]
         widths = {"boxes": 4, "labels": 1, "scores": 1}
@@ -303,8 +303,9 @@ class MeanTeacher:
             parts = [{"boxes": b.float(), "labels": lab.flatten().long(), "scores": sc.flatten().float()}
                      for b, lab, sc in zip(boxes.split(sizes), labels.split(sizes), scores.split(sizes))]
             tp, n_pl, n_gt = match_counts(parts, gt_boxes, gt_labels)
-            out = {f"{prefix}/tp": float(tp), f"{prefix}/num_pseudo": float(n_pl)}
-            return out | ({"pseudo/num_hidden_gt": float(n_gt)} if prefix == "pseudo" else {})
+            if stage1:
+                return {M.STAGE1_TP: float(tp), M.STAGE1_NUM: float(n_pl)}
+            return {M.PSEUDO_TP: float(tp), M.PSEUDO_NUM: float(n_pl), M.PSEUDO_NUM_GT: float(n_gt)}
 
         return Deferred(tensors, finish)
 
@@ -313,11 +314,11 @@ class MeanTeacher:
 
         def finish(host):
             neg = negative_metrics(torch.from_numpy(host[0]).float(), labels, self.cfg.ssmll.tau_ml)
-            return {f"ssmll/{k}": neg[k] for k in ("true_negative", "neg_predicted", "absent")}
+            return {M.ssmll_key(k): neg[k] for k in M.SSMLL_NEGATIVES}
 
         return Deferred((probs,), finish)
 
-    def _rebalance(self, step: int, lab: Batch, lab_images, lab_targets, unl_images, unl_targets, extras):
+    def rebalance(self, step: int, lab: Batch, inputs: StudentInputs) -> StudentInputs:
         """ACRST on the student's images: the Labeled bank's first pass, then FBR on the labeled and
         unlabeled images together (one host read, one paste launch). Targets gain the pasted boxes
         (and, on unlabeled images with selective supervision, `reg_weight`: 1 for pasted boxes, 0 for
@@ -325,33 +326,48 @@ class MeanTeacher:
         host_boxes = [mark_host(b) for b in lab.boxes]  # the data loader's targets: already on the host
         host_labels = [mark_host(t) for t in lab.labels]
         if step < self.labeled_bank_steps:
-            self.acrst.add_ground_truth(self._to(lab.weak), host_boxes, host_labels, self._generator(step, 1))
+            self.acrst.add_ground_truth(self._to(lab.weak), host_boxes, host_labels,
+                                        self._generator(step, Stream.ACRST_LABELED_BANK))
             if step == self.labeled_bank_steps - 1:  # the first pass is over on every rank
                 # the same generator on every rank (not per rank), so the merged banks are equal
-                self.acrst.share_labeled_bank(torch.Generator().manual_seed(sample_seed(self.cfg.run.seed, 104, 0)))
-        batches = [(lab_images, host_boxes, host_labels, self._generator(step, 2))]
-        if unl_images is not None:
-            batches.append((unl_images, [t["boxes"] for t in unl_targets], [t["labels"] for t in unl_targets],
-                            self._generator(step, 3)))
+                self.acrst.share_labeled_bank(generator(self.cfg.run.seed, Stream.ACRST_SHARE_BANK, 0))
+        batches = [(inputs.lab_images, host_boxes, host_labels, self._generator(step, Stream.ACRST_PASTE_LABELED))]
+        if inputs.unl_images is not None:
+            batches.append((inputs.unl_images, [t["boxes"] for t in inputs.unl_targets],
+                            [t["labels"] for t in inputs.unl_targets],
+                            self._generator(step, Stream.ACRST_PASTE_UNLABELED)))
         results = self.acrst.rebalance_many(batches)
-        names = ("labeled", "unlabeled")
-        targets = []
-        for (images, boxes, labels, pasted), name, per_image in zip(results, names, self.acrst.pasted_per_image):
-            extras[f"acrst/pasted_per_image_{name}"] = per_image
-            targets.append([{"boxes": b, "labels": lb} | ({"reg_weight": p.float()} if name == "unlabeled" and
-                                                             self.selective else {})
-                            for b, lb, p in zip(boxes, labels, pasted)])
-        lab_images, lab_targets = results[0][0], targets[0]
-        if unl_images is not None:
-            unl_images, unl_targets = results[1][0], targets[1]
-        return lab_images, lab_targets, unl_images, unl_targets
+        out, extras = [], {}
+        for (images, boxes, labels, pasted), split, per_image in zip(results, ("labeled", "unlabeled"),
+                                                                      self.acrst.pasted_per_image):
+            extras[M.pasted_key(split)] = per_image
+            weight = split == "unlabeled" and self.selective
+            out.append((images, [{"boxes": b, "labels": lb} | ({"reg_weight": p.float()} if weight else {})
+                                 for b, lb, p in zip(boxes, labels, pasted)]))
+        unl_images, unl_targets = out[1] if len(out) > 1 else (None, None)
+        return StudentInputs(out[0][0], out[0][1], unl_images, unl_targets, extras)
 
-    def _diagnostics(self, d: dict) -> dict[str, float]:
-        out = {"acrst/kl_gt_pl": float(d["kl_gt_pl"])} if "kl_gt_pl" in d else {}
-        for key in ("pr", "mu", "bank_labeled", "bank_pseudo", "pl_hist"):
-            for name, v in zip(self.class_names, d[key].tolist()):
-                out[f"acrst/{key}/{name}"] = float(v)
-        return out
+    def diagnostics(self) -> Deferred:
+        """ACRST's state (Pseudo Recall, mu, bank fill, pseudo-label histogram, KL to the labeled
+        distribution) per class, read at the log flush (`DiagnosticsHook`)."""
+        if self.acrst is None:
+            return Deferred((), lambda host: {})
+        tensors, finish = self.acrst.diagnostics_deferred(self.gt_class_counts)
 
-    def update_teacher(self) -> None:
-        ema_update(self.teacher, self.student, self.cfg.mean_teacher.ema_decay)
+        def named(host) -> dict[str, float]:
+            d = finish(host)
+            out = {M.KL_GT_PL: float(d["kl_gt_pl"])} if "kl_gt_pl" in d else {}
+            for group, key in ((M.PR, "pr"), (M.MU, "mu"), (M.BANK_LABELED, "bank_labeled"),
+                               (M.BANK_PSEUDO, "bank_pseudo"), (M.PL_HIST, "pl_hist")):
+                out |= {M.class_key(group, name): float(v) for name, v in zip(self.class_names, d[key].tolist())}
+            return out
+
+        return Deferred(tensors, named)
+
+    def rank_state_dict(self) -> dict:
+        """This rank's own state: its CropBank and Pseudo Recall (empty without ACRST)."""
+        return {"acrst": self.acrst.state_dict()} if self.acrst is not None else {}
+
+    def load_rank_state_dict(self, state: dict) -> None:
+        if self.acrst is not None:
+            self.acrst.load_state_dict(state["acrst"])

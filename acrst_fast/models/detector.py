@@ -65,6 +65,8 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
         raise WeightsError(f"{path}: cannot read weights: {exc}") from None
+    if isinstance(obj, dict) and isinstance(obj.get("runner"), dict):  # a training checkpoint
+        obj = obj["runner"]
     if isinstance(obj, dict) and "teacher" in obj and isinstance(obj["teacher"], dict):
         obj = obj["teacher"]
     elif isinstance(obj, dict) and "student" in obj and isinstance(obj["student"], dict):

@@ -3,6 +3,7 @@
 A stream of positions p = step * batch + j visits the records in a fresh permutation per epoch
 (seeded by (seed, stream, epoch)); each item's augmentation is seeded by (seed, stream, p). So
 the batch of any step is a function of the step alone, and a resumed run sees the same data.
+With `world` processes, rank r takes the r-th slice of each step's global batch (`step_positions`).
 """
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from acrst_fast.config import AugmentConfig
 from acrst_fast.data.coco import DataError, ImageRecord, decode_image
-from acrst_fast.data.loader import ignore_stop_signals, sample_seed
+from acrst_fast.data.loader import ignore_stop_signals
+from acrst_fast.streams import sample_seed
 from acrst_fast.data.transforms import strong_photometric
 from acrst_fast.ssmll.metrics import image_labels
 
@@ -55,15 +57,23 @@ class SquareViews(Dataset):
         return {"weak": weak, "strong": strong_photometric(weak, gen, self.augment), "labels": labels}
 
 
-class StepBatches(Sampler):
-    """Batches of positions for steps start, start + 1, ...: [step * batch, (step + 1) * batch)."""
+def step_positions(step: int, batch: int, rank: int = 0, world: int = 1) -> range:
+    """Rank `rank`'s stream positions of `step`, whose global batch is `batch` (divisible by `world`)."""
+    per_rank = batch // world
+    first = step * batch + rank * per_rank
+    return range(first, first + per_rank)
 
-    def __init__(self, batch: int, start_step: int, end_step: int):
-        self.batch, self.start, self.end = batch, start_step, end_step
+
+class StepBatches(Sampler):
+    """Batches of positions for steps start, start + 1, ...: this rank's slice of
+    [step * batch, (step + 1) * batch) (all of it with one process)."""
+
+    def __init__(self, batch: int, start_step: int, end_step: int, rank: int = 0, world: int = 1):
+        self.batch, self.start, self.end, self.rank, self.world = batch, start_step, end_step, rank, world
 
     def __iter__(self) -> Iterator[list[int]]:
         for step in range(self.start, self.end):
-            yield list(range(step * self.batch, (step + 1) * self.batch))
+            yield list(step_positions(step, self.batch, self.rank, self.world))
 
     def __len__(self) -> int:
         return max(0, self.end - self.start)
@@ -73,17 +83,19 @@ def _collate(items: list[dict]) -> dict:
     return {k: torch.stack([it[k] for it in items]) for k in items[0]}
 
 
-def step_loader(views: SquareViews, batch: int, start_step: int, end_step: int, workers: int) -> DataLoader:
-    """Batches {"weak", "strong": Tensor[B, 3, S, S], "labels": Tensor[B, K]} for the given steps."""
+def step_loader(views: SquareViews, batch: int, start_step: int, end_step: int, workers: int, rank: int = 0,
+                world: int = 1) -> DataLoader:
+    """Batches {"weak", "strong": Tensor[B, 3, S, S], "labels": Tensor[B, K]} for the given steps
+    (B = batch / world: this rank's slice)."""
     # its own generator: creating the iterator must not draw from the global RNG (exact resume)
     gen = torch.Generator().manual_seed(sample_seed(views.seed, views.stream, start_step))
-    return DataLoader(views, batch_sampler=StepBatches(batch, start_step, end_step), num_workers=workers,
+    return DataLoader(views, batch_sampler=StepBatches(batch, start_step, end_step, rank, world), num_workers=workers,
                       collate_fn=_collate, generator=gen,
                       worker_init_fn=ignore_stop_signals if workers > 0 else None)
 
 
 def dali_step_batches(views: SquareViews, batch: int, start_step: int, end_step: int, device_id: int | None,
-                      threads: int, bad_images: str) -> Iterator[dict]:
+                      threads: int, bad_images: str, rank: int = 0, world: int = 1) -> Iterator[dict]:
     """`step_loader`'s batches made by the DALI pipeline of the detector's data stage: the same
     records, flips and strong-view draws (from the same per-position generators), decoded and
     augmented by DALI (on the GPU when device_id is set). A bad image fails the run or, with
@@ -93,11 +105,11 @@ def dali_step_batches(views: SquareViews, batch: int, start_step: int, end_step:
     from acrst_fast.data.transforms import sample_strong
 
     policy = BadImagePolicy(bad_images)
-    runner = DaliRunner(batch, device_id, views.seed * 1000 + views.stream, threads, ("weak", "strong"), policy)
+    runner = DaliRunner(batch // world, device_id, views.seed * 1000 + views.stream, threads, ("weak", "strong"), policy)
     s = views.size
     for step in range(start_step, end_step):
         items = []
-        for position in range(step * batch, (step + 1) * batch):
+        for position in step_positions(step, batch, rank, world):
             rec = views.records[views.record_index(position)]
             gen = torch.Generator().manual_seed(sample_seed(views.seed, views.stream, position))
             flip = views.augment.flip_prob > 0 and float(torch.rand((), generator=gen)) < views.augment.flip_prob
@@ -115,7 +127,8 @@ def dali_step_batches(views: SquareViews, batch: int, start_step: int, end_step:
 
 
 def eval_loader(records: list[ImageRecord], num_classes: int, size: int, augment: AugmentConfig,
-                batch: int, workers: int) -> DataLoader:
-    views = SquareViews(records, num_classes, size, augment, seed=0, stream=0, train=False)
+                batch: int, workers: int, rank: int = 0, world: int = 1) -> DataLoader:
+    """The weak (plain) views of every `world`-th record from `rank`, in order."""
+    views = SquareViews(records[rank::world], num_classes, size, augment, seed=0, stream=0, train=False)
     return DataLoader(views, batch_size=batch, shuffle=False, num_workers=workers, collate_fn=_collate,
                       generator=torch.Generator().manual_seed(0), worker_init_fn=ignore_stop_signals if workers > 0 else None)

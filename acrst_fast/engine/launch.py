@@ -1,0 +1,85 @@
+"""What both command-line trainers (`train`, `train_ssmll`) share around `Trainer.train()`: work done on
+rank 0 for all, the stop handler, saying a divergence or a stop on every rank, and the exit codes.
+
+Exit codes: 0 done; 2 a user error (one line on stderr); 3 training diverged; 130 stopped by a signal
+(a checkpoint was written: continue with --resume).
+"""
+from __future__ import annotations
+
+import signal
+import sys
+from typing import Callable
+
+from acrst_fast import dist
+from acrst_fast.engine.trainer import Trainer, TrainingDiverged, TrainingInterrupted
+from acrst_fast.errors import UserError, report_error
+
+EXIT_DIVERGED, EXIT_INTERRUPTED = 3, 130
+
+
+class Diverged(Exception):
+    """Training stopped on a non-finite loss; the message says which checkpoint to resume and how."""
+
+
+def on_main(fn):
+    """Run `fn` on rank 0 only; its result, or its UserError, reaches every rank (no rank is left waiting)."""
+    result, err = None, None
+    if dist.rank() == 0:
+        try:
+            result = fn()
+        except UserError as exc:
+            err = exc
+    result, err = dist.broadcast_from_main((result, err))
+    if err is not None:
+        raise err
+    return result
+
+
+def say_then_leave_together(message: str) -> None:
+    """Every rank prints its line, then waits for the others: under torchrun the first rank to exit
+    makes the launcher terminate the rest, so no rank may leave before every rank has spoken."""
+    print(message, file=sys.stderr, flush=True)
+    dist.barrier()
+
+
+def install_stop_handler(trainer: Trainer) -> None:
+    """First SIGTERM/SIGINT: finish the step, checkpoint, exit. A second SIGINT stops at once."""
+    def handler(signum, frame):
+        if trainer.stop_requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        trainer.request_stop()
+        print(f"\n[signal {signum}] finishing the current step, then writing a checkpoint", file=sys.stderr, flush=True)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handler)
+
+
+def train_together(trainer: Trainer, close: Callable[[], None], advice: Callable[[], str]) -> None:
+    """trainer.train() under the stop handler; a divergence (with `advice()`) or a stop is said on every
+    rank, which then leave together (raises Diverged or TrainingInterrupted). `close` runs in any case."""
+    install_stop_handler(trainer)
+    try:
+        trainer.train()
+    except TrainingDiverged as exc:
+        say_then_leave_together(f"error: training diverged: {exc}. {advice()}")
+        raise Diverged(str(exc)) from None
+    except TrainingInterrupted as exc:
+        say_then_leave_together(f"interrupted: {exc}; continue with --resume")
+        raise
+    finally:
+        close()
+
+
+def exit_code(fn: Callable[[], object]) -> int:
+    """Run a trainer's body and map its ending to the exit code; the process group is shut down after."""
+    try:
+        fn()
+        return 0
+    except UserError as exc:
+        return report_error(exc)
+    except Diverged:  # its message is printed by every rank
+        return EXIT_DIVERGED
+    except TrainingInterrupted:
+        return EXIT_INTERRUPTED
+    finally:
+        dist.shutdown()
