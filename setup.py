@@ -62,6 +62,7 @@ setup(
         "acrst_fast.evaluation", "acrst_fast.ops", "acrst_fast.ssmll", "acrst_fast.kernels",
     ],
     package_dir={"acrst_fast.kernels": "kernels"},
+    package_data={"acrst_fast.data": ["coco_folds/*"]},
     ext_modules=[CMakeExtension("acrst_fast._C")],
     cmdclass={"build_ext": CMakeBuild},
     install_requires=[

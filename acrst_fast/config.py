@@ -53,7 +53,9 @@ class DataConfig:
     """Where the data is. Paths are relative to the working directory.
 
     Labeled: `train_json` + `train_images`, or, with `split_percent` > 0, a COCO-standard split of
-    them (written to `split_dir`, labeled part trains, the rest is the unlabeled stream).
+    them (written to `split_dir`, labeled part trains, the rest is the unlabeled stream), chosen by
+    `split_folds`: `published` (the literature's fold file, folds 0-9; `data/splits.py`), `generator`
+    (a seeded permutation, any percent), or the path of a fold file of the same format.
     Unlabeled: `unlabeled_json` (COCO json whose annotations, if any, are never trained on) and/or
     `unlabeled_images` (a folder of images; COCO-additional's unlabeled2017).
     """
@@ -66,6 +68,7 @@ class DataConfig:
     unlabeled_images: str = ""
     split_percent: float = 0.0
     split_fold: int = 1
+    split_folds: str = "published"  # published | generator | path of a fold file
     split_dir: str = ""
     demo: DemoDataConfig | None = None
     num_workers: int = 2  # torch pipeline: DataLoader worker processes; dali: the pipeline's CPU threads
@@ -497,7 +500,9 @@ def _check_data(c: _Checks, cfg: Config) -> None:
     c.one_of("data.bad_images", d.bad_images, ("fail", "skip"))
     c.within("data.num_workers", d.num_workers, 0)
     c.within("data.split_percent", d.split_percent, 0.0, 100.0)
-    c.within("data.split_fold", d.split_fold, 1)
+    c.within("data.split_fold", d.split_fold, 0, 9 if d.split_folds == "published" else None)
+    c.need(d.split_percent <= 0 or d.split_folds in ("published", "generator") or Path(d.split_folds).is_file(),
+           "data.split_folds", f"must be published, generator or the path of a fold file; got '{d.split_folds}'")
     c.need(bool(d.val_json), "data.val_json", "must be set")
     c.need(bool(d.train_json), "data.train_json", "must be set")
     if s.total_steps > s.pretrain_steps:

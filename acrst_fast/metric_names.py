@@ -19,9 +19,10 @@ STAGE1_TP, STAGE1_NUM = "pseudo/stage1/tp", "pseudo/stage1/num_pseudo"
 PSEUDO_COUNT = "pseudo/count"  # per class: pseudo-labels of the step
 SSMLL_NEGATIVES = ("true_negative", "neg_predicted", "absent")  # "ssmll/<name>": the classifier's stage-2 negatives
 
-# ACRST state (per class unless said): Pseudo Recall, sampling weights, bank fill, pseudo-label histogram
-PR, MU, BANK_LABELED, BANK_PSEUDO, PL_HIST = "acrst/pr", "acrst/mu", "acrst/bank_labeled", "acrst/bank_pseudo", \
-    "acrst/pl_hist"
+# ACRST state (per class unless said): Pseudo Recall; mu of Eq. 9 (raw) and the distribution the planner
+# samples from (classes without a crop in the banks dropped, renormalised); bank fill; pseudo-label histogram
+PR, MU, MU_SAMPLED = "acrst/pr", "acrst/mu", "acrst/mu_sampled"
+BANK_LABELED, BANK_PSEUDO, PL_HIST = "acrst/bank_labeled", "acrst/bank_pseudo", "acrst/pl_hist"
 KL_GT_PL = "acrst/kl_gt_pl"
 PASTED_PER_IMAGE = "acrst/pasted_per_image"  # "acrst/pasted_per_image_<labeled|unlabeled>"
 

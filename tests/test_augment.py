@@ -234,6 +234,30 @@ def test_classes_missing_from_bank_are_not_sampled():
     assert len(plan.ops) > 0 and set(torch.cat(plan.labels).tolist()) == {2}
 
 
+def test_sampled_distribution_matches_the_planner():
+    """`sampled_distribution` (what the logs show) is the planner's: mu with classes lacking a crop removed,
+    renormalised. Chi-square of the planner's draws against it, with class 1 (the largest mu) not banked."""
+    from acrst_fast.augment.rebalance import sampled_distribution
+
+    seed, gen = _fresh_gen()
+    bank = CropBank(3, 4, 8)
+    for c in (2, 3):
+        bank.add(LABELED, [torch.rand(3, 20, 20)], [torch.tensor([[0.0, 0, 10, 10]])], [torch.tensor([c])])
+    mu = torch.tensor([0.7, 0.2, 0.1], dtype=torch.float64)
+    sampled = sampled_distribution(mu, bank.fill()[LABELED] > 0)
+    assert torch.allclose(sampled, torch.tensor([0.0, 2 / 3, 1 / 3], dtype=torch.float64))
+    assert sampled_distribution(mu, torch.zeros(3, dtype=torch.bool)).sum() == 0  # nothing to paste
+    slots, classes, size_hw = bank.entries((LABELED,))
+    plan = plan_paste_ref([(60, 60)] * 300, [torch.zeros((0, 4))] * 300, [torch.zeros(0, dtype=torch.int64)] * 300,
+                          slots, classes, size_hw, mu, PasteConfig(n_min=3, n_max=3, min_size=1), gen)
+    op_classes = classes[[slots.tolist().index(s) for s in plan.ops[:, OP_SLOT].tolist()]]
+    counts = torch.bincount(op_classes - 1, minlength=3).double()
+    assert counts[0] == 0
+    expected = sampled[1:] * counts.sum()
+    chi2 = float(((counts[1:] - expected) ** 2 / expected).sum())
+    assert chi2 < 10.83, f"seed {seed}: chi2 {chi2}, counts {counts.tolist()}"  # 1 dof, p = 0.001
+
+
 def test_acrst_end_to_end_and_kl():
     gen = torch.Generator().manual_seed(0)
     acrst = ACRST(3, capacity=4, crop_size=8, paste=PasteConfig(n_min=2, n_max=2, min_size=1), beta=0.6, pr_window=5)

@@ -58,6 +58,26 @@ def test_report_from_a_run(finished_run):
     for name, count in zip(stats["classes"], stats["labeled_class_counts"]):
         assert f"| {name} | {count} |" in text
     assert "## Notes" not in text  # nothing missing
+    assert "## Pseudo-labels per class" in text
+
+
+def test_logged_sampling_is_what_the_planner_draws_from(finished_run):
+    """The log holds, per class, the distribution the planner samples from (raw mu beside it): zero for a
+    class with no crop in the banks, renormalised over the rest; and per-class pseudo-label counts."""
+    run = finished_run / "run"
+    stats = json.loads((run / "dataset_stats.json").read_text())
+    recs = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if '"acrst/mu_sampled/' in ln]
+    assert recs
+    for r in recs:
+        sampled = [r[f"acrst/mu_sampled/{c}"] for c in stats["classes"]]
+        banked = [r[f"acrst/bank_labeled/{c}"] + r[f"acrst/bank_pseudo/{c}"] for c in stats["classes"]]
+        assert all(s == 0 for s, b in zip(sampled, banked) if b == 0)
+        assert abs(sum(sampled) - 1) < 1e-9 or sum(banked) == 0
+        assert all(f"acrst/mu/{c}" in r for c in stats["classes"])
+    mutual = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if '"pseudo/tp"' in ln]
+    for r in mutual:  # per-class counts add up to the pooled ones
+        assert abs(sum(r[f"pseudo/num_pseudo/{c}"] for c in stats["classes"]) - r["pseudo/num_pseudo"]) < 1e-6
+        assert abs(sum(r[f"pseudo/tp/{c}"] for c in stats["classes"]) - r["pseudo/tp"]) < 1e-6
 
 
 def test_report_of_a_copied_run_without_dataset(finished_run, tmp_path):

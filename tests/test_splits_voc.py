@@ -4,7 +4,8 @@ import json
 import pytest
 
 from acrst_fast.data.coco import DataError, load_coco_records
-from acrst_fast.data.splits import choose_labeled, write_folder_json, write_standard_split
+from acrst_fast.data.splits import (PUBLISHED_FOLDS, choose_labeled, indexed_images, write_folder_json,
+                                    write_standard_split)
 from acrst_fast.data.voc import VOC_CLASSES, convert
 from conftest import TINY_COCO
 
@@ -20,7 +21,7 @@ def test_choose_labeled_deterministic_sized(percent):
 
 def test_standard_split_files_disjoint_and_complete(tmp_path):
     src = TINY_COCO / "annotations" / "instances_train2017.json"
-    lab, unl = write_standard_split(src, 10, 1, tmp_path)
+    lab, unl = write_standard_split(src, 10, 1, tmp_path, folds="generator")
     full = json.loads(src.read_text())
     L, U = json.loads(lab.read_text()), json.loads(unl.read_text())
     lid, uid = {i["id"] for i in L["images"]}, {i["id"] for i in U["images"]}
@@ -30,10 +31,60 @@ def test_standard_split_files_disjoint_and_complete(tmp_path):
     assert L["categories"] == full["categories"]
     before = lab.read_bytes()
     lab.unlink()
-    write_standard_split(src, 10, 1, tmp_path)  # identical when written again
+    write_standard_split(src, 10, 1, tmp_path, folds="generator")  # identical when written again
     assert lab.read_bytes() == before
     records, _ = load_coco_records(lab, TINY_COCO / "train2017")
     assert len(records) == 2
+
+
+def _instances(tmp_path):
+    """12 images listed out of id order; image 20 has no annotation, image 40 only a crowd one."""
+    ids = [50, 10, 40, 20, 30, 60, 70, 80, 90, 100, 110, 120]
+    anns = [{"id": k + 1, "image_id": i, "category_id": 1, "bbox": [1, 1, 5, 5], "area": 25, "iscrowd": 0}
+            for k, i in enumerate(ids) if i not in (20, 40)]
+    anns.append({"id": 99, "image_id": 40, "category_id": 1, "bbox": [1, 1, 5, 5], "area": 25, "iscrowd": 1})
+    anns.append({"id": 98, "image_id": 10, "category_id": 1, "bbox": [2, 2, 5, 5], "area": 25, "iscrowd": 1})
+    data = {"images": [{"id": i, "file_name": f"{i}.jpg", "width": 20, "height": 20} for i in ids],
+            "annotations": anns, "categories": [{"id": 1, "name": "a"}]}
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps(data))
+    return path, data
+
+
+def test_published_fold_indices_point_into_sorted_annotated_images(tmp_path):
+    """The fold file's semantics: images sorted by id, those without a non-crowd annotation dropped first,
+    int(p / 100 * n) indices per fold; the unlabeled part is the rest of that list."""
+    path, data = _instances(tmp_path)
+    assert indexed_images(data) == [10, 30, 50, 60, 70, 80, 90, 100, 110, 120]  # n = 10: 20 and 40 dropped
+    folds = tmp_path / "folds.txt"
+    folds.write_text(json.dumps({"25.0": {"0": [0, 3], "1": [9, 2]}, "10.0": {"0": [5, 6]}}))
+    lab, unl = write_standard_split(path, 25, 1, tmp_path / "out", folds=str(folds))
+    L, U = json.loads(lab.read_text()), json.loads(unl.read_text())
+    assert sorted(im["id"] for im in L["images"]) == [50, 120]  # indices 9 and 2 of the sorted, filtered list
+    assert sorted(im["id"] for im in U["images"]) == [10, 30, 60, 70, 80, 90, 100, 110]
+    assert {a["image_id"] for a in L["annotations"]} == {50, 120}
+    assert "fold1" in lab.name and "folds_" in lab.name  # the fold file's name is part of the split's name
+    lab0, _ = write_standard_split(path, 25, 0, tmp_path / "out", folds=str(folds))
+    assert sorted(im["id"] for im in json.loads(lab0.read_text())["images"]) == [10, 60]
+    with pytest.raises(DataError, match="lists 2 indices"):  # int(10 / 100 * 10) = 1: made for another file
+        write_standard_split(path, 10, 0, tmp_path / "out", folds=str(folds))
+    with pytest.raises(DataError, match="no 5 % folds"):
+        write_standard_split(path, 5, 0, tmp_path / "out", folds=str(folds))
+    with pytest.raises(DataError, match="no fold 7"):
+        write_standard_split(path, 25, 7, tmp_path / "out", folds=str(folds))
+
+
+def test_shipped_published_fold_file():
+    """The literature's COCO-standard folds: 7 percents x 10 folds of int(p / 100 * 117266) distinct
+    indices into train2017's 117266 annotated images."""
+    table = json.loads(PUBLISHED_FOLDS.read_text())
+    assert sorted(table, key=float) == ["0.01", "0.1", "0.5", "1.0", "2.0", "5.0", "10.0"]
+    for percent, folds in table.items():
+        assert sorted(folds, key=int) == [str(f) for f in range(10)]
+        for indices in folds.values():
+            assert len(indices) == len(set(indices)) == int(float(percent) / 100 * 117266)
+            assert 0 <= min(indices) and max(indices) < 117266
+    assert (PUBLISHED_FOLDS.parent / "LICENSE").is_file()
 
 
 def test_folder_json(tmp_path):

@@ -230,3 +230,18 @@ def test_acrst_run_resumes_to_identical_weights_and_bank(tmp_path, tiny_demo, cp
     last = [r for r in records if r["kind"] == "train"][-1]
     assert last["acrst/pasted_per_image_labeled"] >= 1 and "acrst/mu/circle" in last
     assert "unsup/loss_box_reg" in last  # selective supervision adds the regression terms
+
+
+def test_match_counts_per_class():
+    """Class-aware one-to-one matching at IoU 0.5, by decreasing score, counted per class."""
+    from acrst_fast.engine.mean_teacher import match_counts
+
+    box = torch.tensor([[0.0, 0, 10, 10]])
+    pseudo = [{"boxes": torch.cat([box, box, box + 50]), "labels": torch.tensor([1, 1, 3]),
+               "scores": torch.tensor([0.5, 0.9, 0.8])},
+              {"boxes": box, "labels": torch.tensor([2]), "scores": torch.tensor([0.7])}]
+    gt_boxes = [torch.cat([box, box + 50]), box]
+    gt_labels = [torch.tensor([1, 2]), torch.tensor([3])]  # image 1's class-2 guess meets a class-3 truth
+    tp, n_pl, n_gt = match_counts(pseudo, gt_boxes, gt_labels, num_classes=3)
+    assert tp.tolist() == [1, 0, 0]  # the second class-1 box is a duplicate; class 3 is at the class-2 truth
+    assert n_pl.tolist() == [2, 1, 1] and n_gt.tolist() == [1, 1, 1]

@@ -169,13 +169,15 @@ class ACRST:
         """`diagnostics` without reading the device now: (device tensors snapshotted now, finish), where
         finish(the same tensors on the host, as tensors or arrays) returns the diagnostics dict."""
         fill = self.bank.fill().double()  # host mirror
+        available = fill[list(self.sources)].sum(0) > 0  # classes the planner can draw a crop of
         pasted = self.last_pasted_per_image
         tensors = (self.recall.value(), self.class_probs(), self.pl_counts.sum(0))
 
         def finish(host) -> dict[str, torch.Tensor | float]:
             pr, mu, pl = (torch.as_tensor(h, dtype=torch.float64) for h in host)
             out: dict[str, torch.Tensor | float] = {
-                "pr": pr, "mu": mu, "bank_labeled": fill[LABELED], "bank_pseudo": fill[PSEUDO],
+                "pr": pr, "mu": mu, "mu_sampled": sampled_distribution(mu, available),
+                "bank_labeled": fill[LABELED], "bank_pseudo": fill[PSEUDO],
                 "pl_hist": pl / pl.sum() if pl.sum() > 0 else pl, "pasted_per_image": pasted,
             }
             if gt_class_counts is not None and pl.sum() > 0:
@@ -191,6 +193,15 @@ class ACRST:
         self.bank.load_state_dict(state["bank"])
         self.recall.load_state_dict(state["recall"])
         self.pl_counts.copy_(state["pl_counts"])
+
+
+def sampled_distribution(mu: torch.Tensor, available: torch.Tensor) -> torch.Tensor:
+    """The class distribution the planner actually samples from: mu (Tensor[K]) without the classes that
+    have no crop in the banks in use (`available`, Tensor[K] bool), renormalised; all zeros when no
+    class can be pasted (`plan_paste_ref` draws nothing then)."""
+    kept = mu.double() * available.to(mu.device)
+    total = kept.sum()
+    return kept / total if total > 0 else kept
 
 
 def kl_divergence(p_counts: torch.Tensor, q_counts: torch.Tensor, eps: float = 1e-6) -> float:

@@ -28,7 +28,7 @@ def resolved_data(d: DataConfig) -> DataConfig:
     if d.split_percent <= 0:
         return d
     split_dir = d.split_dir or str(Path(d.train_json).parent / "splits")
-    lab, unl = standard_split_paths(d.train_json, d.split_percent, d.split_fold, split_dir)
+    lab, unl = standard_split_paths(d.train_json, d.split_percent, d.split_fold, split_dir, d.split_folds)
     return dataclasses.replace(d, train_json=str(lab), unlabeled_json=str(unl),
                                unlabeled_images=d.unlabeled_images or d.train_images, split_percent=0.0)
 
@@ -40,7 +40,7 @@ def prepare_data(cfg: Config) -> None:
         generate(Path(d.train_json).parent, d.demo)
     if d.split_percent > 0:
         split_dir = d.split_dir or str(Path(d.train_json).parent / "splits")
-        write_standard_split(d.train_json, d.split_percent, d.split_fold, split_dir)
+        write_standard_split(d.train_json, d.split_percent, d.split_fold, split_dir, d.split_folds)
 
 
 def load_datasets(d: DataConfig) -> Datasets:

@@ -21,6 +21,7 @@ import os
 from dataclasses import dataclass, field, replace
 from typing import Iterator
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -108,13 +109,15 @@ class StudentLosses(nn.Module):
 
 
 def match_counts(pseudo: list[dict[str, torch.Tensor]], gt_boxes: list[torch.Tensor], gt_labels: list[torch.Tensor],
-                 iou: float = 0.5) -> tuple[int, int, int]:
-    """(true positives, pseudo-labels, ground truths): one-to-one, class-aware matching at IoU >= `iou`,
-    pseudo-labels taken by decreasing score. Precision = tp / pseudo-labels, recall = tp / ground truths."""
-    tp = n_pl = n_gt = 0
+                 num_classes: int, iou: float = 0.5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per class k = 1..K (index k - 1): (true positives, pseudo-labels, ground truths), int64[K] each.
+    One-to-one, class-aware matching at IoU >= `iou`, pseudo-labels taken by decreasing score.
+    Precision_k = tp_k / pseudo-labels_k, recall_k = tp_k / ground truths_k."""
+    tp, n_pl, n_gt = (np.zeros(num_classes, dtype=np.int64) for _ in range(3))
     for p, gb, gl in zip(pseudo, gt_boxes, gt_labels):
         gb, gl = gb.to(p["boxes"].device), gl.to(p["boxes"].device)
-        n_pl, n_gt = n_pl + len(p["boxes"]), n_gt + len(gb)
+        np.add.at(n_pl, p["labels"].cpu().numpy() - 1, 1)
+        np.add.at(n_gt, gl.cpu().numpy().astype(np.int64) - 1, 1)
         if len(p["boxes"]) == 0 or len(gb) == 0:
             continue
         ious = box_iou_ref(p["boxes"].float(), gb.float())
@@ -125,7 +128,7 @@ def match_counts(pseudo: list[dict[str, torch.Tensor]], gt_boxes: list[torch.Ten
             j = int(torch.argmax(cand))
             if cand[j] >= iou:
                 used[j] = True
-                tp += 1
+                tp[int(p["labels"][i]) - 1] += 1
     return tp, n_pl, n_gt
 
 
@@ -289,9 +292,9 @@ class MeanTeacher(StudentTeacherRunner):
         return Deferred((counts,), lambda host: {M.class_key(M.PSEUDO_COUNT, name): float(c)
                                                  for name, c in zip(self.class_names, host[0].tolist())})
 
-    @staticmethod
-    def _pseudo_quality(pseudo: list[dict], unl: Batch, stage1: bool) -> Deferred:
-        """tp / pseudo-labels / hidden ground truths of one step (`match_counts`), computed at the flush."""
+    def _pseudo_quality(self, pseudo: list[dict], unl: Batch, stage1: bool) -> Deferred:
+        """tp / pseudo-labels / hidden ground truths of one step (`match_counts`), pooled and per class,
+        computed at the flush."""
         sizes = [len(p["boxes"]) for p in pseudo]
         widths = {"boxes": 4, "labels": 1, "scores": 1}
         tensors = tuple(torch.cat([p[k].reshape(-1, w) for p in pseudo]) if pseudo else torch.zeros((0, w))
@@ -302,10 +305,13 @@ class MeanTeacher(StudentTeacherRunner):
             boxes, labels, scores = (torch.from_numpy(h) for h in host)
             parts = [{"boxes": b.float(), "labels": lab.flatten().long(), "scores": sc.flatten().float()}
                      for b, lab, sc in zip(boxes.split(sizes), labels.split(sizes), scores.split(sizes))]
-            tp, n_pl, n_gt = match_counts(parts, gt_boxes, gt_labels)
+            tp, n_pl, n_gt = match_counts(parts, gt_boxes, gt_labels, len(self.class_names))
             if stage1:
-                return {M.STAGE1_TP: float(tp), M.STAGE1_NUM: float(n_pl)}
-            return {M.PSEUDO_TP: float(tp), M.PSEUDO_NUM: float(n_pl), M.PSEUDO_NUM_GT: float(n_gt)}
+                return {M.STAGE1_TP: float(tp.sum()), M.STAGE1_NUM: float(n_pl.sum())}
+            out = {M.PSEUDO_TP: float(tp.sum()), M.PSEUDO_NUM: float(n_pl.sum()), M.PSEUDO_NUM_GT: float(n_gt.sum())}
+            for group, counts in ((M.PSEUDO_TP, tp), (M.PSEUDO_NUM, n_pl), (M.PSEUDO_NUM_GT, n_gt)):
+                out |= {M.class_key(group, name): float(c) for name, c in zip(self.class_names, counts)}
+            return out
 
         return Deferred(tensors, finish)
 
@@ -357,7 +363,7 @@ class MeanTeacher(StudentTeacherRunner):
         def named(host) -> dict[str, float]:
             d = finish(host)
             out = {M.KL_GT_PL: float(d["kl_gt_pl"])} if "kl_gt_pl" in d else {}
-            for group, key in ((M.PR, "pr"), (M.MU, "mu"), (M.BANK_LABELED, "bank_labeled"),
+            for group, key in ((M.PR, "pr"), (M.MU, "mu"), (M.MU_SAMPLED, "mu_sampled"), (M.BANK_LABELED, "bank_labeled"),
                                (M.BANK_PSEUDO, "bank_pseudo"), (M.PL_HIST, "pl_hist")):
                 out |= {M.class_key(group, name): float(v) for name, v in zip(self.class_names, d[key].tolist())}
             return out
