@@ -102,7 +102,7 @@ class ModelConfig:
     """Faster R-CNN with FPN (torchvision)."""
 
     backbone: str = "resnet50"  # resnet50 | resnet18 | mobilenet_v2
-    backbone_weights: str = ""  # local ImageNet classifier state dict; empty = random init
+    backbone_weights: str = ""  # imagenet (torchvision's, via the hub cache) | random | a local state dict; empty = random
     weights: str = ""  # local detector checkpoint (state dict or acrst_fast checkpoint); empty = none
     trainable_backbone_layers: int = 3
     fpn_channels: int = 256
@@ -159,6 +159,8 @@ class ACRSTConfig:
     `acrst.banks=[pseudo]`, `acrst.n_range=[0,5]`)."""
 
     fbr: bool = False  # paste CropBank instances into the student's images (labeled and unlabeled)
+    paste_during_pretrain: bool = False  # also paste during burn-in (default: FBR starts with mutual learning,
+    # so every ablation row shares the same pre-training; the Labeled bank still fills during burn-in)
     beta: float = 0.6  # AFFR: mu_k ~ (1 / PR_k)^beta; 0 = uniform class sampling (FBR alone)
     selective_supervision: bool = False  # unlabeled regression losses on pasted instances only (Eq. 10)
     banks: list[str] = field(default_factory=lambda: ["labeled", "pseudo"])
@@ -178,15 +180,16 @@ class SSMLLConfig:
     """Semi-supervised multi-label classifier (C-Tran style) and two-stage pseudo-label filtering
     (paper: "Semi-supervised Multi-label Learning", "Two-stage Pseudo-label Filtering", Tables 9-10).
     `python -m acrst_fast.train_ssmll CONFIG` trains the classifier; the detector reads its
-    `checkpoint` when `filter` is two_stage or mining."""
+    `checkpoint` when `filter` is two_stage or mining, and trains it first when none is named."""
 
     filter: str = "single"  # single (score >= tau_cls) | two_stage (and classifier not negative) | mining
-    checkpoint: str = ""  # classifier file written by train_ssmll (OUTPUT/ssmll_teacher.pt)
+    checkpoint: str = ""  # classifier file (train_ssmll's ssmll_teacher.pt); empty with two_stage/mining: the
+    # detector's command trains this run's SSMLL stage first (RUN/ssmll), and resumes it with --resume
     tau_ml: float = 0.2  # two_stage: drop predictions of classes with classifier probability < tau_ml
     tau_pos: float = 0.7  # mining: also keep predictions of classes with probability >= tau_pos ...
     mining_min_score: float = 0.3  # ... whose detector score is at least this
     backbone: str = "resnet50"  # resnet50 | resnet18 | mobilenet_v2
-    backbone_weights: str = ""  # local ImageNet classifier state dict; empty = random init
+    backbone_weights: str = ""  # imagenet | random | a local state dict (as model.backbone_weights); empty = random
     input_size: int = 576
     dim: int = 256  # transformer width
     layers: int = 2
@@ -541,8 +544,6 @@ def _check_ssmll(c: _Checks, cfg: Config) -> None:
     m2 = cfg.ssmll
     # SSMLL
     c.one_of("ssmll.filter", m2.filter, FILTER_MODES)
-    c.need(m2.filter == "single" or bool(m2.checkpoint), "ssmll.checkpoint",
-           f"must name the classifier (train_ssmll's ssmll_teacher.pt) when ssmll.filter is {m2.filter}")
     c.one_of("ssmll.backbone", m2.backbone, BACKBONES)
     c.within("ssmll.total_steps", m2.total_steps, 1)
     c.within("ssmll.pretrain_steps", m2.pretrain_steps, 0, m2.total_steps)
@@ -585,6 +586,11 @@ def check_device(cfg: Config, source: str) -> None:
                           "(torch.cuda.is_available() is False); use auto or cpu")
 
 
+def _local(weights: str) -> str:
+    """A weights setting that names a local file ("" for imagenet and random: resolved when the model is built)."""
+    return "" if weights in ("imagenet", "random") else weights
+
+
 def check_paths(cfg: Config, source: str) -> None:
     """Every path the config names must exist (call after demo data / splits are generated)."""
     d, m = cfg.data, cfg.model
@@ -592,8 +598,8 @@ def check_paths(cfg: Config, source: str) -> None:
         ("data.train_json", d.train_json, "file"), ("data.train_images", d.train_images, "dir"),
         ("data.val_json", d.val_json, "file"), ("data.val_images", d.val_images, "dir"),
         ("data.unlabeled_json", d.unlabeled_json, "file"), ("data.unlabeled_images", d.unlabeled_images, "dir"),
-        ("model.backbone_weights", m.backbone_weights, "file"), ("model.weights", m.weights, "file"),
-        ("ssmll.backbone_weights", cfg.ssmll.backbone_weights, "file"),
+        ("model.backbone_weights", _local(m.backbone_weights), "file"), ("model.weights", m.weights, "file"),
+        ("ssmll.backbone_weights", _local(cfg.ssmll.backbone_weights), "file"),
         ("ssmll.checkpoint", cfg.ssmll.checkpoint if cfg.ssmll.filter != "single" else "", "file"),
     ]
     for key, value, kind in checks:

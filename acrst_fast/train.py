@@ -1,4 +1,7 @@
-"""Train a detector with Mean Teacher: `python -m acrst_fast.train CONFIG [--resume] [KEY=VALUE ...]`.
+"""Train a detector with Mean Teacher (and ACRST): `python -m acrst_fast.train CONFIG [--resume] [KEY=VALUE ...]`.
+
+With two-stage (or mining) pseudo-label filtering and no `ssmll.checkpoint`, the run first trains
+its SSMLL stage into RUN/ssmll (`engine/ssmll_stage.py`; resumed with --resume), then the detector.
 
 Multi-process: `torchrun --nproc_per_node=N -m acrst_fast.train CONFIG` (NCCL on GPUs, gloo on CPU).
 The run folder (`run.output_dir`) receives config.yaml (resolved), metrics.jsonl, tensorboard/,
@@ -24,12 +27,13 @@ from acrst_fast.data.build import load_datasets, prepare_data, resolved_data
 from acrst_fast.data.check import drop_bad_images, find_header_problems
 from acrst_fast.data.coco import DataError
 from acrst_fast.engine import checkpoint as ckpt
-from acrst_fast.engine.build import build_runner, class_counts
+from acrst_fast.engine.build import build_runner, class_counts, fetch_pretrained
 from acrst_fast.engine.divergence import DivergenceGuard
 from acrst_fast.engine.hooks import (
     CheckpointHook, DiagnosticsHook, EMAHook, EvalHook, LoggingHook, LRScheduleHook, MetricsWriter, lr_at, restore,
 )
 from acrst_fast.engine.launch import exit_code, on_main, train_together
+from acrst_fast.engine.ssmll_stage import with_classifier
 from acrst_fast.engine.trainer import Trainer
 from acrst_fast.evaluation.coco_eval import Evaluator
 from acrst_fast.safe_io import atomic_write_text
@@ -131,7 +135,8 @@ def run(cfg: Config, source: str, resume: bool, info: dist.DistInfo, resume_from
     """Train per `cfg`; returns the final summary (same on every rank)."""
     run_dir = Path(cfg.run.output_dir)
     echo = (lambda msg: print(msg, flush=True)) if info.is_main else (lambda msg: None)
-    on_main(lambda: _prepare_run_dir(cfg, source, resume, resume_from))
+    on_main(lambda: (_prepare_run_dir(cfg, source, resume, resume_from), fetch_pretrained(cfg)))
+    cfg = with_classifier(cfg, source, resume or bool(resume_from), info)  # the SSMLL stage, when it is needed
     data_cfg, datasets = _load_data(cfg, source)
     echo(f"[data] {len(datasets.labeled)} labeled, {len(datasets.unlabeled)} unlabeled, {len(datasets.val)} val "
          f"images; {datasets.categories.num_classes} classes; world size {info.world}, device {info.device}")

@@ -109,3 +109,30 @@ def test_shipped_configs_load():
             assert (cfg.mean_teacher.ema_decay, cfg.mean_teacher.tau_cls, cfg.mean_teacher.lambda_unsup) == \
                 (0.9996, 0.7, 4.0), name
             assert cfg.model.backbone == "resnet50", name
+
+
+PAPER_SSMLL_STEPS = {"coco_standard": (2000, 36000), "coco_additional": (6000, 96000), "voc": (2000, 18000)}
+
+
+@pytest.mark.parametrize("name", ["coco_standard_0.5p", "coco_standard_1p", "coco_standard_2p", "coco_standard_5p",
+                                  "coco_standard_10p", "coco_additional", "voc"])
+def test_paper_configs_resolve_to_the_papers_method(name):
+    """A shipped paper config is the paper's method and protocol: FBR + AFFR (beta 0.6) + selective supervision
+    + two-stage filtering (tau_ml 0.2, its SSMLL stage trained first with the paper's settings), ImageNet
+    backbones, burn-in without pasting, the published COCO-standard fold; its _mean_teacher twin is the baseline."""
+    from conftest import REPO
+
+    cfg = load_config(REPO / "configs" / f"{name}.yaml")
+    a, m = cfg.acrst, cfg.ssmll
+    assert (a.fbr, a.beta, a.selective_supervision, a.paste_during_pretrain) == (True, 0.6, True, False)
+    assert (m.filter, m.tau_ml, m.checkpoint) == ("two_stage", 0.2, "")  # no classifier named: the stage runs first
+    assert (m.input_size, m.batch_labeled, m.batch_unlabeled, m.lr, m.backbone) == (576, 64, 64, 1e-5, "resnet50")
+    assert (m.pretrain_steps, m.total_steps) == PAPER_SSMLL_STEPS[name.split("_")[0] if name == "voc" else
+                                                                  "_".join(name.split("_")[:2])]
+    assert cfg.model.backbone_weights == "imagenet" and m.backbone_weights == "imagenet"
+    if name.startswith("coco_standard"):
+        assert cfg.data.split_folds == "published" and cfg.data.split_fold == 1
+        assert cfg.data.split_percent == float(name.split("_")[-1][:-1])
+    baseline = load_config(REPO / "configs" / f"{name}_mean_teacher.yaml")
+    assert (baseline.acrst.fbr, baseline.acrst.selective_supervision, baseline.ssmll.filter) == (False, False, "single")
+    assert baseline.solver == cfg.solver and baseline.data == cfg.data and baseline.model == cfg.model

@@ -26,6 +26,39 @@ def test_backbone_imagenet_weights_loaded(tmp_path):
     assert not body.layer1[0].conv1.weight.requires_grad and body.layer4[0].conv1.weight.requires_grad
 
 
+def test_imagenet_weights_come_from_the_torch_hub_cache(tmp_path, monkeypatch):
+    """`backbone_weights: imagenet` loads torchvision's file from the hub cache (no download when it is
+    there); offline without it, one error names the file and where to put it; `random` is random init."""
+    from acrst_fast.models import pretrained
+
+    assert pretrained.imagenet_url("mobilenet_v2").endswith("/mobilenet_v2-b0353104.pth")  # the offline file
+    assert pretrained.imagenet_url("resnet50").endswith("/resnet50-0676ba61.pth")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+
+    def offline(url, dst, hash_prefix=None, progress=True):
+        raise OSError("[Errno 101] Network is unreachable")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    expected = tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    with pytest.raises(WeightsError, match=rf"model.backbone_weights=imagenet: .*Network is unreachable.*put the file "
+                                           rf"at {expected}"):
+        build_detector(ModelConfig(backbone="resnet18", backbone_weights="imagenet", **SMALL), num_classes=3)
+    torch.manual_seed(2)
+    net = torchvision.models.resnet18()
+    tmp_file = tmp_path / "r18.pth"
+    torch.save(net.state_dict(), tmp_file)
+    name = f"resnet18-{hashlib.sha256(tmp_file.read_bytes()).hexdigest()[:8]}.pth"
+    monkeypatch.setattr(pretrained, "imagenet_url", lambda backbone: f"https://download.pytorch.org/models/{name}")
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / name
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp_file.rename(cached)
+    det = build_detector(ModelConfig(backbone="resnet18", backbone_weights="imagenet", **SMALL), num_classes=3)
+    torch.testing.assert_close(det.backbone.body.layer3[0].conv1.weight, net.layer3[0].conv1.weight)
+    assert isinstance(det.backbone.body.bn1, torchvision.ops.FrozenBatchNorm2d)
+    rand = build_detector(ModelConfig(backbone="resnet18", backbone_weights="random", **SMALL), num_classes=3)
+    assert isinstance(rand.backbone.body.bn1, torch.nn.BatchNorm2d)
+
+
 def test_mobilenet_weights_and_hash_check(tmp_path):
     net = torchvision.models.mobilenet_v2()
     data_path = tmp_path / "tmp.pth"

@@ -209,6 +209,29 @@ def test_train_ssmll_two_gloo_processes(tmp_path, tiny_demo, cpu_env):
     assert (out / "ssmll_teacher.pt").is_file() and json.loads((out / "ssmll_metrics.json").read_text())["step"] == 4
 
 
+@pytest.mark.slow
+def test_detector_run_trains_its_ssmll_stage_first(tmp_path, tiny_demo, cpu_env):
+    """Two-stage filtering with no classifier named: the detector's command trains the SSMLL stage into
+    RUN/ssmll, then the detector filters with it; --resume reuses the finished stage."""
+    raw = tiny_config_dict(tiny_demo, tmp_path / "run", total_steps=4, pretrain_steps=2)
+    raw["ssmll"] = {**TINY_SSMLL, "filter": "two_stage"}
+    raw["mean_teacher"]["tau_cls"] = 0.0
+    cfg = write_config(tmp_path / "c.yaml", raw)
+    cmd = [sys.executable, "-m", "acrst_fast.train", str(cfg)]
+    proc = run_group(cmd, 600, env=cpu_env, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "run"
+    assert proc.stdout.index("neg accuracy") < proc.stdout.index("[data]")  # the stage came before the detector
+    assert (run / "ssmll" / "ssmll_teacher.pt").is_file() and ckpt.list_checkpoints(run / "ssmll")[-1][0] == 4
+    records = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("pseudo/stage1/num_pseudo" in r for r in records)  # the detector used the classifier
+    state = ckpt.load(ckpt.latest_checkpoint(run))
+    assert state["config"]["ssmll"]["checkpoint"] == str(run / "ssmll" / "ssmll_teacher.pt")
+    again = run_group(cmd + ["--resume", "solver.total_steps=5"], 600, env=cpu_env, cwd=REPO)
+    assert again.returncode == 0 and "[ssmll] stage done" in again.stdout, again.stderr[-3000:]
+    assert "neg accuracy" not in again.stdout  # not trained again
+
+
 def test_two_stage_mutual_step_logs_both_stages(tmp_path, tiny_demo):
     from test_train import _runner
 

@@ -230,6 +230,25 @@ def test_acrst_run_resumes_to_identical_weights_and_bank(tmp_path, tiny_demo, cp
     last = [r for r in records if r["kind"] == "train"][-1]
     assert last["acrst/pasted_per_image_labeled"] >= 1 and "acrst/mu/circle" in last
     assert "unsup/loss_box_reg" in last  # selective supervision adds the regression terms
+    burn_in = [r for r in records if r["kind"] == "train" and r["phase"] == "pretrain"]
+    assert len(burn_in) == 3 and not any("acrst/pasted_per_image_labeled" in r for r in burn_in)  # FBR waits
+    assert a["bank"]["seen"][0].sum() > 0  # while the Labeled bank fills during burn-in
+
+
+def test_paste_during_pretrain_switch(tmp_path, tiny_demo):
+    """Burn-in is burn-in: by default nothing is pasted before mutual learning; the switch brings it back."""
+    from acrst_fast.dist import DistInfo
+    from acrst_fast.engine.build import build_runner
+
+    for during, expect in ((False, 0.0), (True, None)):
+        raw = tiny_config_dict(tiny_demo, tmp_path / str(during), total_steps=4, pretrain_steps=3)
+        raw["acrst"] = {**ACRST_ON, "paste_during_pretrain": during}
+        cfg = load_config(write_config(tmp_path / f"{during}.yaml", raw))
+        runner, _ = build_runner(cfg, load_datasets(cfg.data), DistInfo(0, 1, 0, torch.device("cpu")), "test")
+        runner.start(0)
+        out = runner.run_step(0)
+        pasted = out.extras.get("acrst/pasted_per_image_labeled", 0.0)
+        assert pasted == expect if expect is not None else pasted >= 1
 
 
 def test_match_counts_per_class():

@@ -17,10 +17,19 @@ from acrst_fast.data.dali_stage import DaliDataStage
 from acrst_fast.data.loader import TorchDataStage
 from acrst_fast.engine.mean_teacher import MeanTeacher, StudentLosses
 from acrst_fast.engine.ssmll_runner import SSMLLRunner
-from acrst_fast.models.detector import build_detector
+from acrst_fast.models.detector import backbone_file, build_detector
 from acrst_fast.ssmll.data import SquareViews, dali_step_batches, eval_loader, step_loader
 from acrst_fast.ssmll.model import load_classifier
 from acrst_fast.streams import Stream
+
+
+def fetch_pretrained(cfg: Config, ssmll: bool = False) -> None:
+    """Bring `imagenet` backbone weights into the torch hub cache (rank 0, before the ranks build their
+    models, so one process downloads); a WeightsError says where to put the file when offline."""
+    if ssmll:
+        backbone_file(cfg.ssmll.backbone_weights, cfg.ssmll.backbone, "ssmll.backbone_weights")
+    else:
+        backbone_file(cfg.model.backbone_weights, cfg.model.backbone, "model.backbone_weights")
 
 
 def _per_rank(total: int, world: int, key: str, source: str) -> int:

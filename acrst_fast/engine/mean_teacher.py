@@ -113,10 +113,12 @@ def match_counts(pseudo: list[dict[str, torch.Tensor]], gt_boxes: list[torch.Ten
     """Per class k = 1..K (index k - 1): (true positives, pseudo-labels, ground truths), int64[K] each.
     One-to-one, class-aware matching at IoU >= `iou`, pseudo-labels taken by decreasing score.
     Precision_k = tp_k / pseudo-labels_k, recall_k = tp_k / ground truths_k."""
-    tp, n_pl, n_gt = (np.zeros(num_classes, dtype=np.int64) for _ in range(3))
+    labels = [int(x) for p in pseudo for x in p["labels"].tolist()] + [int(x) for g in gt_labels for x in g.tolist()]
+    k = max([num_classes, *labels])  # a label beyond num_classes widens the counts rather than failing
+    tp, n_pl, n_gt = (np.zeros(k, dtype=np.int64) for _ in range(3))
     for p, gb, gl in zip(pseudo, gt_boxes, gt_labels):
         gb, gl = gb.to(p["boxes"].device), gl.to(p["boxes"].device)
-        np.add.at(n_pl, p["labels"].cpu().numpy() - 1, 1)
+        np.add.at(n_pl, p["labels"].cpu().numpy().astype(np.int64) - 1, 1)
         np.add.at(n_gt, gl.cpu().numpy().astype(np.int64) - 1, 1)
         if len(p["boxes"]) == 0 or len(gb) == 0:
             continue
@@ -196,7 +198,8 @@ class MeanTeacher(StudentTeacherRunner):
             inputs = replace(inputs, unl_images=self._to(unl.strong), unl_targets=pseudo.targets())
         clock.mark("teacher")
         if self.acrst is not None:
-            inputs = self.rebalance(step, lab, inputs)
+            inputs = self.rebalance(step, lab, inputs,
+                                    paste=unl is not None or self.cfg.acrst.paste_during_pretrain)
         clock.mark("acrst")
         losses = self.losses(step, inputs)
         self.optimise(losses.total)
@@ -324,10 +327,11 @@ class MeanTeacher(StudentTeacherRunner):
 
         return Deferred((probs,), finish)
 
-    def rebalance(self, step: int, lab: Batch, inputs: StudentInputs) -> StudentInputs:
-        """ACRST on the student's images: the Labeled bank's first pass, then FBR on the labeled and
-        unlabeled images together (one host read, one paste launch). Targets gain the pasted boxes
-        (and, on unlabeled images with selective supervision, `reg_weight`: 1 for pasted boxes, 0 for
+    def rebalance(self, step: int, lab: Batch, inputs: StudentInputs, paste: bool = True) -> StudentInputs:
+        """ACRST on the student's images: the Labeled bank's first pass, then (when `paste`: in mutual
+        learning, or during burn-in with acrst.paste_during_pretrain) FBR on the labeled and unlabeled
+        images together (one host read, one paste launch). Targets gain the pasted boxes (and, on
+        unlabeled images with selective supervision, `reg_weight`: 1 for pasted boxes, 0 for
         pseudo-labels)."""
         host_boxes = [mark_host(b) for b in lab.boxes]  # the data loader's targets: already on the host
         host_labels = [mark_host(t) for t in lab.labels]
@@ -337,6 +341,8 @@ class MeanTeacher(StudentTeacherRunner):
             if step == self.labeled_bank_steps - 1:  # the first pass is over on every rank
                 # the same generator on every rank (not per rank), so the merged banks are equal
                 self.acrst.share_labeled_bank(generator(self.cfg.run.seed, Stream.ACRST_SHARE_BANK, 0))
+        if not paste:
+            return inputs
         batches = [(inputs.lab_images, host_boxes, host_labels, self._generator(step, Stream.ACRST_PASTE_LABELED))]
         if inputs.unl_images is not None:
             batches.append((inputs.unl_images, [t["boxes"] for t in inputs.unl_targets],

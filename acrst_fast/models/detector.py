@@ -4,9 +4,11 @@ The data stage owns geometry (resize, flip, crop), so the model's transform only
 batches: `DataOwnedGeometryTransform` skips torchvision's resize, and boxes in and out are in the
 pixels of the images given to the model.
 
-Weights are random unless the config names a local file:
-- `backbone_weights`: an ImageNet classifier state dict (torchvision layout). A file named like
-  torchvision's downloads (`name-<8 hex>.pth`) must have a sha256 starting with those 8 hex.
+Weights are random unless the config names them:
+- `backbone_weights`: `imagenet` (torchvision's ImageNet weights through the torch hub cache,
+  `models/pretrained.py`), `random`, or a local ImageNet classifier state dict (torchvision layout).
+  A file named like torchvision's downloads (`name-<8 hex>.pth`) must have a sha256 starting with
+  those 8 hex.
 - `weights`: a detector state dict, or an acrst_fast checkpoint (its teacher, else its student).
 """
 from __future__ import annotations
@@ -30,6 +32,7 @@ from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from acrst_fast.config import ModelConfig
+from acrst_fast.models import pretrained
 from acrst_fast.models.weighted_heads import enable_box_weights
 
 log = logging.getLogger(__name__)
@@ -108,10 +111,18 @@ def _freeze(modules: list[nn.Module]) -> None:
             p.requires_grad_(False)
 
 
-def _resnet_backbone(cfg: ModelConfig, norm: type[nn.Module]) -> BackboneWithFPN:
+def backbone_file(spec: str, backbone: str, key: str) -> str:
+    """The local file `spec` names for `backbone` ("" for random init); see `models/pretrained.py`."""
+    try:
+        return pretrained.resolve(spec, backbone, key)
+    except pretrained.PretrainedError as exc:
+        raise WeightsError(str(exc)) from None
+
+
+def _resnet_backbone(cfg: ModelConfig, norm: type[nn.Module], weights: str) -> BackboneWithFPN:
     net = (resnet50 if cfg.backbone == "resnet50" else resnet18)(weights=None, norm_layer=norm)
-    if cfg.backbone_weights:
-        load_matching(net, load_state_dict_file(cfg.backbone_weights), cfg.backbone_weights, ignore=("fc.",))
+    if weights:
+        load_matching(net, load_state_dict_file(weights), weights, ignore=("fc.",))
     stages = [nn.ModuleList([net.conv1, net.bn1]), net.layer1, net.layer2, net.layer3, net.layer4]
     _freeze(stages[: 5 - cfg.trainable_backbone_layers])
     in_channels = [c * (4 if cfg.backbone == "resnet50" else 1) for c in (64, 128, 256, 512)]
@@ -119,10 +130,10 @@ def _resnet_backbone(cfg: ModelConfig, norm: type[nn.Module]) -> BackboneWithFPN
                            cfg.fpn_channels, extra_blocks=LastLevelMaxPool(), norm_layer=None)
 
 
-def _mobilenet_backbone(cfg: ModelConfig, norm: type[nn.Module]) -> BackboneWithFPN:
+def _mobilenet_backbone(cfg: ModelConfig, norm: type[nn.Module], weights: str) -> BackboneWithFPN:
     net = mobilenet_v2(weights=None, norm_layer=norm)
-    if cfg.backbone_weights:
-        load_matching(net, load_state_dict_file(cfg.backbone_weights), cfg.backbone_weights, ignore=("classifier.",))
+    if weights:
+        load_matching(net, load_state_dict_file(weights), weights, ignore=("classifier.",))
     # stages end at strides 2, 4, 8, 16, 32: features[0:2], [2:4], [4:7], [7:14], [14:19]
     starts = [0, 2, 4, 7, 14, 19]
     frozen_upto = starts[5 - cfg.trainable_backbone_layers]
@@ -139,8 +150,9 @@ def build_detector(cfg: ModelConfig, num_classes: int) -> FasterRCNN:
     """
     if not 0 <= cfg.trainable_backbone_layers <= 5:
         raise ValueError(f"model.trainable_backbone_layers must be in [0, 5], got {cfg.trainable_backbone_layers}")
-    norm = FrozenBatchNorm2d if cfg.backbone_weights else nn.BatchNorm2d
-    backbone = (_mobilenet_backbone if cfg.backbone == "mobilenet_v2" else _resnet_backbone)(cfg, norm)
+    weights = backbone_file(cfg.backbone_weights, cfg.backbone, "model.backbone_weights")
+    norm = FrozenBatchNorm2d if weights else nn.BatchNorm2d
+    backbone = (_mobilenet_backbone if cfg.backbone == "mobilenet_v2" else _resnet_backbone)(cfg, norm, weights)
     anchors = AnchorGenerator(tuple((s,) for s in cfg.anchor_sizes), ((0.5, 1.0, 2.0),) * len(cfg.anchor_sizes))
     resolution = 7
     model = FasterRCNN(

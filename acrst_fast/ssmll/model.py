@@ -20,13 +20,14 @@ from torch import nn
 from torchvision.models import mobilenet_v2, resnet18, resnet50
 
 from acrst_fast.config import SSMLLConfig
-from acrst_fast.models.detector import WeightsError, load_matching, load_state_dict_file
+from acrst_fast.models.detector import WeightsError, backbone_file, load_matching, load_state_dict_file
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
 
 def _trunk(backbone: str, weights: str) -> tuple[nn.Module, int]:
+    weights = backbone_file(weights, backbone, "ssmll.backbone_weights")
     if backbone == "mobilenet_v2":
         net = mobilenet_v2(weights=None)
         if weights:
