@@ -86,6 +86,7 @@ class AugmentConfig:
     flip_prob: float = 0.5
     crop_prob: float = 0.0
     crop_min_frac: float = 0.6  # random crop keeps at least this fraction of each side
+    crop_min_box: float = 1.0  # pixels: a box the crop leaves narrower or shorter than this is dropped
     jitter_prob: float = 0.8
     jitter: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.4, 0.1])  # brightness, contrast, saturation, hue
     grayscale_prob: float = 0.2
@@ -486,6 +487,7 @@ def _check_augment(c: _Checks, cfg: Config) -> None:
     for key in ("flip_prob", "crop_prob", "jitter_prob", "grayscale_prob", "blur_prob"):
         c.prob(f"augment.{key}", getattr(a, key))
     c.within("augment.crop_min_frac", a.crop_min_frac, 0.0, 1.0, lo_open=True)
+    c.within("augment.crop_min_box", a.crop_min_box, 0.0)
     c.need(len(a.jitter) == 4, "augment.jitter", f"must be [brightness, contrast, saturation, hue]; got {a.jitter}")
     for name, value in zip(("brightness", "contrast", "saturation"), a.jitter):
         c.within(f"augment.jitter ({name})", value, 0.0, 1.0)

@@ -97,3 +97,31 @@ def test_finite_val_stream_partitions():
     parts = [list(ShardedStreamSampler(7, 0, 2, r, 3, infinite=False)) for r in range(3)]
     assert sorted(i for p in parts for i, _ in p) == list(range(7))
     assert [len(ShardedStreamSampler(7, 0, 2, r, 3, infinite=False)) for r in range(3)] == [3, 2, 2]
+
+
+def test_weak_crop_in_the_data_stage(tiny_demo):
+    """The paper's weak view crops: weak and strong views share the crop, boxes are clipped to it, and boxes
+    the crop leaves smaller than augment.crop_min_box are dropped (with their labels)."""
+    from acrst_fast.data.build import load_datasets
+    from acrst_fast.data.loader import TorchDataStage
+    from conftest import tiny_config_dict
+    from acrst_fast.config import DataConfig
+
+    raw = tiny_config_dict(tiny_demo, tiny_demo / "unused")["data"]
+    data = load_datasets(DataConfig(**raw))
+    counts = {}
+    for min_box in (1.0, 30.0):
+        aug = AugmentConfig(scales=[96], max_size=128, crop_prob=1.0, crop_min_frac=0.5, crop_min_box=min_box)
+        stage = TorchDataStage(data.labeled, data.unlabeled, data.val, aug, 4, 4, seed=3, rank=0, world=1,
+                               num_workers=0, labeled_views=("weak", "strong"))
+        batch = next(stage.labeled(0))
+        n = 0
+        for weak, strong, boxes, labels, g in zip(batch.weak, batch.strong, batch.boxes, batch.labels, batch.geometry):
+            assert weak.shape == strong.shape and weak.shape[1:] == g.out_hw
+            assert g.out_hw != g.resized_hw  # cropped
+            w_h = boxes[:, 2:] - boxes[:, :2]
+            assert len(boxes) == len(labels) and bool((w_h >= min_box).all())
+            assert bool((boxes[:, 2] <= g.out_hw[1]).all() and (boxes[:, 3] <= g.out_hw[0]).all())
+            n += len(boxes)
+        counts[min_box] = n
+    assert counts[30.0] < counts[1.0]  # the same crops: the larger minimum drops boxes

@@ -172,7 +172,7 @@ class DaliStream:
         args = view_args(rec, geom.resized_hw, geom.crop, geom.flip, strong)
         boxes = torch.from_numpy(rec.boxes) if self.with_boxes else torch.zeros((0, 4))
         labels = torch.from_numpy(rec.labels) if self.with_boxes else torch.zeros((0,), dtype=torch.int64)
-        boxes, keep = apply_geometry_to_boxes(boxes, geom)
+        boxes, keep = apply_geometry_to_boxes(boxes, geom, self.aug.crop_min_box)
         return {"record": rec, "args": args, "boxes": boxes, "labels": labels[keep], "geometry": geom}
 
     def batches(self, start_step: int, infinite: bool) -> Iterator[Batch]:

@@ -214,7 +214,7 @@ class DetectionViews(Dataset):
         geom = sample_geometry(gen, h, w, self.aug, self.train)
         boxes = torch.from_numpy(rec.boxes) if self.with_boxes else torch.zeros((0, 4))
         labels = torch.from_numpy(rec.labels) if self.with_boxes else torch.zeros((0,), dtype=torch.int64)
-        boxes, keep = apply_geometry_to_boxes(boxes, geom)
+        boxes, keep = apply_geometry_to_boxes(boxes, geom, self.aug.crop_min_box)
         out = {"image_id": rec.image_id, "boxes": boxes, "labels": labels[keep], "geometry": geom, "orig_hw": (h, w),
                "weak": None, "strong": None, "views": self.views}
         if self.raw:  # the same draws, in the same order, as strong_photometric on the weak view makes
