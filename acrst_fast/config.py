@@ -87,6 +87,9 @@ class AugmentConfig:
     crop_prob: float = 0.0
     crop_min_frac: float = 0.6  # random crop keeps at least this fraction of each side
     crop_min_box: float = 1.0  # pixels: a box the crop leaves narrower or shorter than this is dropped
+    photometric_after_paste: bool = True  # the student's strong view: geometry, crop-paste, then the photometric
+    # ops below (paper: pasted instances get the strong augmentation); false = the old order (photometric in the
+    # data stage, then paste)
     jitter_prob: float = 0.8
     jitter: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.4, 0.1])  # brightness, contrast, saturation, hue
     grayscale_prob: float = 0.2
@@ -170,7 +173,7 @@ class ACRSTConfig:
     flip_prob: float = 0.5
     min_size: int = 4  # pixels; smaller (clipped) pastes are skipped
     visibility_threshold: float = 0.0  # remove boxes with visible fraction <= this (0: fully occluded only)
-    crop_size: int = 64  # crops are stored at crop_size x crop_size
+    crop_size: int = 128  # slot side: a crop keeps its aspect, its longest side at most crop_size (see cropbank.py)
     capacity_per_class: int = 256  # per sub-bank and class: the fixed memory budget
     pr_window: int = 200  # steps over which Pseudo Recall is accumulated
     pr_threshold: float = 0.1
@@ -203,6 +206,10 @@ class SSMLLConfig:
     ema_decay: float = 0.999
     focal_gamma: float = 2.0
     pseudo_threshold: float = 0.5  # teacher probability -> image-level pseudo-label
+    label_mask: float = 0.75  # C-Tran label-mask training: up to this fraction of a labeled image's labels is
+    # revealed as positive/negative states, the loss is on the rest; 0 = off
+    rebalance_beta: float = 0.6  # class rebalancing: a class's positive term weighs (its labeled image
+    # frequency)^-beta, normalised to mean 1 (ACRST's exponent); 0 = off
     lambda_unsup: float = 1.0
     output_dir: str = ""  # empty = RUN.OUTPUT_DIR/ssmll
     checkpoint_period: int = 500
@@ -562,6 +569,8 @@ def _check_ssmll(c: _Checks, cfg: Config) -> None:
     c.within("ssmll.lr", m2.lr, 0.0, lo_open=True)
     c.within("ssmll.ema_decay", m2.ema_decay, 0.0, 1.0, hi_open=True)
     c.within("ssmll.focal_gamma", m2.focal_gamma, 0.0)
+    c.within("ssmll.label_mask", m2.label_mask, 0.0, 1.0, hi_open=True)
+    c.within("ssmll.rebalance_beta", m2.rebalance_beta, 0.0)
     c.within("ssmll.lambda_unsup", m2.lambda_unsup, 0.0)
     c.within("ssmll.checkpoint_period", m2.checkpoint_period, 1)
     c.within("ssmll.eval_period", m2.eval_period, 0)

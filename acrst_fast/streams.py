@@ -21,6 +21,7 @@ class Stream(IntEnum):
     # the SSMLL classifier's data: its own order and views of the same images
     SSMLL_LABELED = 11
     SSMLL_UNLABELED = 12
+    SSMLL_LABEL_MASK = 13  # which labels label-mask training reveals, per (step, rank)
     # ACRST, per (step, rank): teacher predictions into the Pseudo bank; labeled boxes into the
     # Labeled bank; paste plans of the labeled and of the unlabeled images; the merge of every
     # rank's Labeled bank (one draw, the same on every rank)

@@ -8,7 +8,9 @@ file (the layout of the Triton tutorials' fused attention).
   layout (NCHW-contiguous or channels-last); image n's valid region is its top-left
   image_hw[n] = (h, w), Tensor[N, 2] int; pastes are clipped to it, padding is never written.
 - ops: Tensor[P, 7] int64 (image, slot, x0, y0, h, w, flip), grouped by image in paste order
-  (the table `plan_paste` emits); bank_pixels: Tensor[S, C, s, s] uint8, contiguous.
+  (the table `plan_paste` emits); bank_pixels: Tensor[S, C, s, s] uint8, contiguous; bank_hw: the
+  stored (h, w) of each slot's crop, in the top-left corner of its s x s cell at the box's own aspect
+  ratio (the CropBank's; default: the whole cell).
 - Resampling is bilinear with align_corners=False and no antialiasing, the same as
   `F.interpolate(..., mode="bilinear")` in the reference `paste_pixels_ref`; flip mirrors the
   resized crop left-right. Uint8 images get the interpolated value rounded half up; float
@@ -77,18 +79,23 @@ def resize_bilinear(crop: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 
 def paste_pixels_ref(images: list[torch.Tensor] | torch.Tensor, ops: torch.Tensor, bank_pixels: torch.Tensor,
-                     image_hw: list[tuple[int, int]] | torch.Tensor | None = None) -> list[torch.Tensor] | torch.Tensor:
+                     image_hw: list[tuple[int, int]] | torch.Tensor | None = None,
+                     bank_hw: torch.Tensor | np.ndarray | None = None) -> list[torch.Tensor] | torch.Tensor:
     """Apply the op table to images in place and return them.
 
     images: list of Tensor[C, H, W], or a batch Tensor[N, C, H, W]; uint8 (0..255) or float
     (0..1). image_hw: the valid (h, w) of each image (default: its full size); pastes are clipped
-    to it. bank_pixels: Tensor[S_total, C, s, s] uint8, the CropBank pixel store. The crop is
-    resized in 0..255 units; uint8 images get it rounded half up, float images divided by 255.
+    to it. bank_pixels: Tensor[S_total, C, s, s] uint8, the CropBank pixel store. bank_hw: the
+    stored (h, w) of each slot's crop, int [S_total, 2] in 1..s, kept in the top-left corner of its
+    s x s cell at its own aspect ratio (default: the whole cell). The crop is resized in 0..255 units;
+    uint8 images get it rounded half up, float images divided by 255.
     """
+    bank_hw = None if bank_hw is None else torch.as_tensor(bank_hw).tolist()
     for img_i, slot, x0, y0, h, w, flip in ops.tolist():
         image = images[img_i]
         H, W = (int(v) for v in image_hw[img_i]) if image_hw is not None else image.shape[1:]
-        crop = resize_bilinear(bank_pixels[slot].to(image.device), h, w)
+        sh, sw = bank_hw[slot] if bank_hw is not None else bank_pixels.shape[2:]
+        crop = resize_bilinear(bank_pixels[slot, :, :sh, :sw].to(image.device), h, w)
         if flip:
             crop = crop.flip(-1)
         xa, ya, xb, yb = max(x0, 0), max(y0, 0), min(x0 + w, W), min(y0 + h, H)
@@ -107,12 +114,13 @@ def paste_pixels_ref(images: list[torch.Tensor] | torch.Tensor, ops: torch.Tenso
 # Triton kernel
 # ---------------------------------------------------------------------------------------------
 @_jit()
-def _source_taps(l, size, crop):
-    """Bilinear taps of resized-crop coordinates `l` (a block) along one axis of length `size`, as
-    PyTorch's upsample_bilinear2d (align_corners=False) computes them: (i0, i1, weight of i1)."""
-    src = tl.maximum((l.to(tl.float32) + 0.5) * (crop.to(tl.float32) / size.to(tl.float32)) - 0.5, 0.0)
+def _source_taps(l, size, stored):
+    """Bilinear taps of resized-crop coordinates `l` (a block) along one axis of length `size`, from a
+    stored crop `stored` pixels long on that axis, as PyTorch's upsample_bilinear2d
+    (align_corners=False) computes them: (i0, i1, weight of i1)."""
+    src = tl.maximum((l.to(tl.float32) + 0.5) * (stored.to(tl.float32) / size.to(tl.float32)) - 0.5, 0.0)
     i0 = src.to(tl.int32)
-    return i0, tl.minimum(i0 + 1, crop - 1), src - i0.to(tl.float32)
+    return i0, tl.minimum(i0 + 1, stored - 1), src - i0.to(tl.float32)
 
 
 @_jit()
@@ -136,8 +144,9 @@ def _paste_kernel(img_ptr,    # *images: the batch written in place, Tensor[N, C
                   end_ptr,    # *int64: per op, the index past the last op of its image, Tensor[P]
                   hw_ptr,     # *int64: each image's valid (h, w), Tensor[N, 2]
                   prog_ptr,   # *int64: per program, (op, tile of that op), Tensor[T, 2]
+                  src_ptr,    # *int64: per op, the stored (h, w) of its crop (top-left of its cell), Tensor[P, 2]
                   s_n, s_c, s_h, s_w,  # strides of images, in elements
-                  crop,       # side of a stored crop, in pixels
+                  crop,       # side of a bank cell, in pixels (the row pitch of a stored crop)
                   C: tl.constexpr,          # channels
                   OUT_UINT8: tl.constexpr,  # images are uint8 (round half up), else float (divide by 255)
                   OUT_BF16: tl.constexpr,   # images are bfloat16 (round to nearest even by hand)
@@ -161,8 +170,9 @@ def _paste_kernel(img_ptr,    # *images: the batch written in place, Tensor[N, C
         qx0, qy0, qh, qw = tl.load(qrow + 2), tl.load(qrow + 3), tl.load(qrow + 4), tl.load(qrow + 5)
         mask = mask & ~((oy >= qy0) & (oy < qy0 + qh) & (ox >= qx0) & (ox < qx0 + qw))
 
-    iy0, iy1, wy1 = _source_taps(ly, h, crop)
-    ix0, ix1, wx1 = _source_taps(tl.where(flip != 0, w - 1 - lx, lx), w, crop)  # flip: mirror the resized crop
+    sh, sw = tl.load(src_ptr + p * 2), tl.load(src_ptr + p * 2 + 1)
+    iy0, iy1, wy1 = _source_taps(ly, h, sh)
+    ix0, ix1, wx1 = _source_taps(tl.where(flip != 0, w - 1 - lx, lx), w, sw)  # flip: mirror the resized crop
     wy0 = 1.0 - wy1
     wx0 = 1.0 - wx1
     out_off = n.to(tl.int64) * s_n + oy.to(tl.int64) * s_h + ox.to(tl.int64) * s_w
@@ -230,9 +240,21 @@ def _host(t: torch.Tensor) -> np.ndarray:
     return t.numpy() if t.device.type == "cpu" else t.cpu().numpy()  # training passes host tables
 
 
+def _stored_sizes(ops: np.ndarray, bank_pixels: torch.Tensor, bank_hw, check: bool) -> np.ndarray:
+    """int64[P, 2]: the stored (h, w) of each op's crop (the whole cell when `bank_hw` is None)."""
+    s = bank_pixels.shape[2]
+    if bank_hw is None:
+        return np.full((len(ops), 2), s, dtype=np.int64)
+    src = np.asarray(_host(torch.as_tensor(bank_hw)), dtype=np.int64).reshape(-1, 2)[ops[:, OP_SLOT]]
+    if check and ((src < 1) | (src > s)).any():
+        raise ValueError(f"paste_pixels_triton: bank_hw must lie in 1..{s} (the cell side)")
+    return src
+
+
 def paste_pixels_triton(images: torch.Tensor, image_hw: torch.Tensor, ops: torch.Tensor,
-                        bank_pixels: torch.Tensor, check: bool = True) -> torch.Tensor:
+                        bank_pixels: torch.Tensor, check: bool = True, bank_hw=None) -> torch.Tensor:
     """Apply the op table to `images` in place (one kernel launch) and return them; see the module doc.
+    bank_hw: the stored (h, w) of each slot's crop, int [S, 2] on the host (default: the whole cell).
 
     `check=False` (ACRST's hot path) skips validating the table: the planner built it."""
     if check:
@@ -242,17 +264,19 @@ def paste_pixels_triton(images: torch.Tensor, image_hw: torch.Tensor, ops: torch
     ops_np = _host(ops).astype(np.int64).reshape(-1, 7)
     hw_np = _host(image_hw).astype(np.int64).reshape(-1, 2)
     ends = _group_ends(ops_np, images.shape[0], bank_pixels.shape[0], hw_np, check)
+    src = _stored_sizes(ops_np, bank_pixels, bank_hw, check)
     tiles = -(-ops_np[:, OP_H] // BLOCK_H) * -(-ops_np[:, OP_W] // BLOCK_W)  # ceil division
     prog = np.stack([np.repeat(np.arange(len(ops_np)), tiles),
                      np.arange(int(tiles.sum())) - np.repeat(np.cumsum(tiles) - tiles, tiles)], axis=1)
-    # one upload: the op table, the image ends, the sizes and the program table
-    table = torch.from_numpy(np.concatenate([ops_np.ravel(), ends, hw_np.ravel(), prog.ravel()])).to(images.device)
+    # one upload: the op table, the image ends, the sizes, the program table and the stored crop sizes
+    table = torch.from_numpy(np.concatenate([ops_np.ravel(), ends, hw_np.ravel(), prog.ravel(),
+                                             src.ravel()])).to(images.device)
     n_ops, n_img = len(ops_np), len(hw_np)
-    at = np.cumsum([0, 7 * n_ops, n_ops, 2 * n_img])
+    at = np.cumsum([0, 7 * n_ops, n_ops, 2 * n_img, prog.size])
     s_n, s_c, s_h, s_w = images.stride()
     _paste_kernel[(len(prog),)](
-        images, bank_pixels, table[at[0]:at[1]], table[at[1]:at[2]], table[at[2]:at[3]], table[at[3]:],
-        s_n, s_c, s_h, s_w, bank_pixels.shape[2],
+        images, bank_pixels, table[at[0]:at[1]], table[at[1]:at[2]], table[at[2]:at[3]], table[at[3]:at[4]],
+        table[at[4]:], s_n, s_c, s_h, s_w, bank_pixels.shape[2],
         C=images.shape[1], OUT_UINT8=images.dtype == torch.uint8,
         OUT_BF16=images.dtype == torch.bfloat16, BLOCK_H=BLOCK_H, BLOCK_W=BLOCK_W)
     return images

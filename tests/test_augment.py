@@ -284,3 +284,25 @@ def test_class_histogram():
     counts = class_histogram(torch.tensor([3, 1, 3, 3]), 4)
     assert counts.dtype == torch.float64 and counts.tolist() == [1.0, 0.0, 3.0, 0.0]
     assert class_histogram(torch.zeros(0, dtype=torch.int64), 2).tolist() == [0.0, 0.0]
+
+
+def test_crops_keep_their_shape_and_detail():
+    """A crop is stored at its own aspect ratio (scaled down only past crop_size) in its cell's top-left
+    corner; a box that fits is stored pixel for pixel, and pasted back at its size it is the original."""
+    gen = torch.Generator().manual_seed(0)
+    image = torch.rand(3, 60, 140, generator=gen)
+    image = (image * 255).round() / 255
+    bank = CropBank(1, 2, crop_size=32)
+    small, wide = [5.0, 7.0, 35.0, 17.0], [10.0, 20.0, 130.0, 50.0]  # 30 x 10 (fits), 120 x 30 (scaled down)
+    bank.add(LABELED, [image], [torch.tensor([small, wide])], [torch.tensor([1, 1])])
+    slots, _, size_hw = bank.entries((LABELED,))
+    stored = torch.from_numpy(bank.stored_hw_host())[slots]
+    assert stored.tolist() == [[10, 30], [8, 32]]  # 30 / 120 * 32 = 8: the aspect kept, never squashed
+    cell = bank.pixels[slots[0]]
+    torch.testing.assert_close(cell[:, :10, :30].float(), image[:, 7:17, 5:35] * 255, rtol=0, atol=0.5)
+    canvas = torch.zeros(3, 10, 30)
+    ops = torch.tensor([[0, int(slots[0]), 0, 0, 10, 30, 0]])
+    out = paste_pixels_ref([canvas], ops, bank.pixels, bank_hw=bank.stored_hw_host())[0]
+    torch.testing.assert_close(out, image[:, 7:17, 5:35], rtol=0, atol=1 / 255)
+    squashed = paste_pixels_ref([torch.zeros(3, 10, 30)], ops, bank.pixels)[0]  # the whole cell, as before
+    assert (squashed - image[:, 7:17, 5:35]).abs().mean() > 10 * (out - image[:, 7:17, 5:35]).abs().mean()

@@ -1,4 +1,5 @@
 """DALI data stage (CPU pipeline here, GPU where one is) against the torch fallback."""
+import dataclasses
 import shutil
 
 import pytest
@@ -20,17 +21,37 @@ def _records(root):
     return lab, unl, val
 
 
-def _stages(records, rank=0, world=1, bad_images="fail", device_id=None):
+def _stages(records, rank=0, world=1, bad_images="fail", device_id=None, aug=AUG):
     kw = dict(batch_labeled=4, batch_unlabeled=3, seed=5, rank=rank, world=world, bad_images=bad_images,
               labeled_views=("weak", "strong"))
-    return (TorchDataStage(*records, AUG, num_workers=0, **kw),
-            DaliDataStage(*records, AUG, device_id=device_id, threads=1, **kw))
+    return (TorchDataStage(*records, aug, num_workers=0, **kw),
+            DaliDataStage(*records, aug, device_id=device_id, threads=1, **kw))
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_dali_defers_the_photometric_ops_like_the_fallback(tiny_demo, device):
+    """augment.photometric_after_paste (default): both stages hand over geometry-only strong views (copies of
+    the weak pixels, never the same tensor: the paste writes into them) and the same photometric draws."""
+    device_id = 0 if device == "cuda" else None
+    torch_stage, dali_stage = _stages(_records(tiny_demo), device_id=device_id)
+    for stream in ("labeled", "unlabeled"):
+        a, b = next(getattr(torch_stage, stream)(1)), next(getattr(dali_stage, stream)(1))
+        assert a.pending == b.pending and len(a.pending) == len(a.strong) > 0
+        for batch in (a, b):
+            for w, st in zip(batch.weak, batch.strong):
+                assert torch.equal(w, st) and w.data_ptr() != st.data_ptr()
+        from acrst_fast.data.loader import apply_pending
+
+        moved = [(x - w).abs().mean() for x, w in zip(apply_pending(b.strong, b.pending), b.weak)]
+        assert torch.stack(moved).mean() > 0.01  # the draws change the pixels when applied
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
 def test_dali_views_match_the_fallback(tiny_demo, device):
+    """The old order (photometric ops in the data stage): DALI's operators against torchvision's."""
     device_id = 0 if device == "cuda" else None
-    torch_stage, dali_stage = _stages(_records(tiny_demo), device_id=device_id)
+    aug = dataclasses.replace(AUG, photometric_after_paste=False)
+    torch_stage, dali_stage = _stages(_records(tiny_demo), device_id=device_id, aug=aug)
     for stream in ("labeled", "unlabeled"):
         t_iter, d_iter = getattr(torch_stage, stream)(2), getattr(dali_stage, stream)(2)
         for _ in range(3):  # crosses an epoch boundary of the 8-image streams

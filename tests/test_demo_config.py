@@ -19,10 +19,16 @@ def test_demo_config_smoke(tmp_path, cpu_env):
          f"data.train_images={tmp_path}/demo/labeled", f"data.unlabeled_json={tmp_path}/demo/unlabeled.json",
          f"data.unlabeled_images={tmp_path}/demo/unlabeled", f"data.val_json={tmp_path}/demo/val.json",
          f"data.val_images={tmp_path}/demo/val", "data.demo.num_unlabeled=16", "data.demo.num_val=8",
-         "solver.total_steps=4", "solver.pretrain_steps=2", "solver.batch_labeled=2", "solver.batch_unlabeled=2"],
+         "solver.total_steps=4", "solver.pretrain_steps=2", "solver.batch_labeled=2", "solver.batch_unlabeled=2",
+         f"ssmll.backbone_weights={weights}", "ssmll.total_steps=2", "ssmll.pretrain_steps=1",
+         "ssmll.batch_labeled=2", "ssmll.batch_unlabeled=2", "ssmll.checkpoint_period=2"],
         env=cpu_env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "supervised (pre-training)" in proc.stdout and "mean teacher: teacher" in proc.stdout
+    assert "neg accuracy" in proc.stdout and (run / "ssmll" / "ssmll_teacher.pt").is_file()  # its SSMLL stage ran
+    records = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    mutual = [r for r in records if r.get("kind") == "train" and r.get("phase") == "mutual"]
+    assert mutual and all("pseudo/stage1/num_pseudo" in r and "unsup/loss_box_reg" in r for r in mutual)  # full method
     summary = json.loads((run / "final_metrics.json").read_text())
     assert summary["classes"] == ["circle", "square", "triangle", "cross", "ring", "diamond"]
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))

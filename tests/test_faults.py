@@ -120,10 +120,11 @@ def test_tools_never_overwrite_an_existing_output(tmp_path, tiny_demo):
     split_dir = tmp_path / "splits"
     split_dir.mkdir()
     from acrst_fast.data.splits import standard_split_paths
-    lab, _ = standard_split_paths(tiny_demo / "labeled.json", 50, 1, split_dir)
+    lab, _ = standard_split_paths(tiny_demo / "labeled.json", 50, 1, split_dir, "generator")
     lab.write_text("not this split")
     _assert_one_line_error(_cli("acrst_fast.data.splits", "standard", str(tiny_demo / "labeled.json"),
-                                "--percent", "50", "--out", str(split_dir)), str(lab), "other content")
+                                "--percent", "50", "--folds", "generator", "--out", str(split_dir)), str(lab),
+                           "other content")
     assert lab.read_text() == "not this split"
 
 
@@ -408,8 +409,10 @@ def test_data_check_passes_clean_data(tmp_path, tiny_demo, cpu_env):
 @pytest.mark.parametrize("module, args, needle", [
     ("acrst_fast.data.splits", ["standard", "{demo}/labeled.json", "--percent", "150", "--out", "{tmp}/s"],
      "--percent must be in (0, 100]"),
-    ("acrst_fast.data.splits", ["standard", "{demo}/labeled.json", "--percent", "10", "--fold", "0", "--out",
-                                "{tmp}/s"], "--fold must be >= 1"),
+    ("acrst_fast.data.splits", ["standard", "{demo}/labeled.json", "--percent", "10", "--fold", "-1", "--out",
+                                "{tmp}/s"], "--fold must be >= 0"),
+    ("acrst_fast.data.splits", ["standard", "{demo}/labeled.json", "--percent", "1", "--out", "{tmp}/s"],
+     "fold file was made for another annotation file"),
     ("acrst_fast.data.splits", ["additional", "{tmp}/empty", "--out", "{tmp}/u.json"], "no image files"),
     ("acrst_fast.data.voc", ["{tmp}/novoc", "--year", "2007", "--split", "trainval", "--out", "{tmp}/v.json"],
      "image list not found"),

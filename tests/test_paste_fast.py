@@ -149,22 +149,24 @@ def _random_ops(gen, hw, n_slots, per_image):
 @pytest.mark.parametrize("device", cpu_and_cuda(triton=True))
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_triton_paste_equals_reference(device, dtype, channels_last):
+@pytest.mark.parametrize("aspect", [False, True])  # crops stored at their own (h, w) in their cells
+def test_triton_paste_equals_reference(device, dtype, channels_last, aspect):
     seed = _seed()
     gen = torch.Generator().manual_seed(seed)
     crop = int(torch.randint(2, 20, (), generator=gen))
     bank = torch.randint(0, 256, (12, 3, crop, crop), dtype=torch.uint8, generator=gen)
+    bank_hw = torch.randint(1, crop + 1, (12, 2), generator=gen) if aspect else None
     hw = [(int(torch.randint(1, 45, (), generator=gen)), int(torch.randint(1, 70, (), generator=gen))) for _ in range(3)]
     hw_t = torch.tensor(hw)
     H, W = int(hw_t[:, 0].max()) + 3, int(hw_t[:, 1].max()) + 5  # padding the kernel must not touch
     ops = _random_ops(gen, hw, len(bank), per_image=7)  # overlapping pastes, some over the borders
     base = torch.rand(3, 3, H, W, generator=gen)
     base = (base * 255).round().to(dtype) if dtype == torch.uint8 else base.to(dtype)
-    expect = paste_pixels_ref(base.clone(), ops, bank, hw)
+    expect = paste_pixels_ref(base.clone(), ops, bank, hw, bank_hw)
     images = base.clone().to(device)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    out = paste_pixels_triton(images, hw_t, ops.to(device), bank.to(device))
+    out = paste_pixels_triton(images, hw_t, ops.to(device), bank.to(device), bank_hw=bank_hw)
     assert out.data_ptr() == images.data_ptr()  # in place
     if device == "cpu":
         assert torch.equal(out, expect), f"seed {seed}: {(out.float() - expect.float()).abs().max()}"
@@ -195,14 +197,17 @@ def test_triton_paste_later_wins_and_empty_ops(device):
     (dict(ops=torch.tensor([[1, 0, 0, 0, 2, 2, 0]])), "names an image"),
     (dict(ops=torch.tensor([[0, 0, 0, 0, 2, 2, 0]], dtype=torch.int32)), "int64"),
     (dict(hw=torch.tensor([[10, 10], [10, 10]])), "image_hw"),
+    (dict(bank_hw=torch.tensor([[4, 4], [5, 1]])), "bank_hw must lie in 1..4"),
+    (dict(bank_hw=torch.tensor([[0, 4], [4, 4]])), "bank_hw must lie in 1..4"),
 ])
 @pytest.mark.triton_cpu  # CPU tensors: the checks ahead of the launch, under the interpreter
 def test_triton_paste_checks_inputs(bad, match):
     args = dict(images=torch.zeros(1, 3, 10, 10), hw=torch.tensor([[10, 10]]),
-                ops=torch.tensor([[0, 0, 0, 0, 2, 2, 0]]), bank=torch.zeros(2, 3, 4, 4, dtype=torch.uint8))
+                ops=torch.tensor([[0, 0, 0, 0, 2, 2, 0], [0, 1, 1, 1, 2, 2, 0]]),
+                bank=torch.zeros(2, 3, 4, 4, dtype=torch.uint8), bank_hw=None)
     args.update(bad)
     with pytest.raises(ValueError, match=match):
-        paste_pixels_triton(args["images"], args["hw"], args["ops"], args["bank"])
+        paste_pixels_triton(args["images"], args["hw"], args["ops"], args["bank"], bank_hw=args["bank_hw"])
 
 
 def test_paste_pixels_dispatch_on_lists():

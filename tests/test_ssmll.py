@@ -77,6 +77,34 @@ def test_focal_bce_matches_float64_reference(gamma):
     assert torch.isfinite(got)
     if gamma == 0:
         torch.testing.assert_close(got, torch.nn.functional.binary_cross_entropy_with_logits(logits, targets))
+    mask = torch.rand(5, 7, generator=gen) < 0.6  # label-mask training: the loss on unknown labels only
+    pos_weight = torch.rand(7, generator=gen) * 3  # class rebalancing of the positive terms
+    got = focal_bce(logits, targets, gamma, mask=mask, pos_weight=pos_weight)
+    torch.testing.assert_close(got.double(), focal_bce_ref(logits, targets, gamma, mask, pos_weight), atol=1e-6,
+                               rtol=1e-5, msg=lambda m: f"seed {seed}: {m}")
+    assert focal_bce(logits, targets, gamma, mask=torch.zeros(5, 7, dtype=torch.bool)) == 0  # nothing to learn
+
+
+def test_label_mask_training_states():
+    """C-Tran's label-mask training: revealed labels become positive/negative states, the rest are
+    unknown and carry the loss; a revealed state changes the prediction (the state embedding is used)."""
+    from acrst_fast.ssmll.model import STATE_NEGATIVE, STATE_POSITIVE, STATE_UNKNOWN, SSMLLNet, known_label_states
+
+    gen = torch.Generator().manual_seed(0)
+    labels = (torch.rand(64, 10, generator=gen) < 0.3).float()
+    states, unknown = known_label_states(labels, 0.75, gen)
+    known = ~unknown
+    assert torch.equal(states[known] == STATE_POSITIVE, labels[known] == 1)
+    assert bool((states[known] != STATE_UNKNOWN).all()) and bool((states[unknown] == STATE_UNKNOWN).all())
+    frac = known.float().mean(1)
+    assert frac.max() <= 0.75 and 0.2 < frac.mean() < 0.55  # r ~ U[0, 0.75] per image
+    net = SSMLLNet("resnet18", 4, dim=16, layers=1, heads=2).eval()
+    x = torch.rand(2, 3, 64, 64, generator=gen)
+    with torch.no_grad():
+        plain = net(x)
+        torch.testing.assert_close(net(x, torch.zeros(2, 4, dtype=torch.int64)), plain)  # None = all unknown
+        told = net(x, torch.full((2, 4), STATE_NEGATIVE))
+    assert not torch.allclose(told, plain)
 
 
 def test_image_labels_and_negative_metrics():
@@ -251,3 +279,16 @@ def test_two_stage_mutual_step_logs_both_stages(tmp_path, tiny_demo):
     values = out.resolve()  # the deferred metrics, as the logger computes them at its flush
     assert values["pseudo/stage1/num_pseudo"] > 0 and values["pseudo/num_pseudo"] == 0
     assert out.pseudo_per_image == 0 and values["ssmll/neg_predicted"] == 2 * 4
+
+
+def test_ssmll_class_rebalancing_weights():
+    """The positive term of a class weighs (its labeled image frequency)^-beta, normalised to mean 1."""
+    from acrst_fast.engine.ssmll_runner import class_weights
+
+    labels = torch.zeros(100, 3)
+    labels[:80, 0], labels[:20, 1] = 1, 1  # class 3 never present: counted as 1 / N
+    w = class_weights(labels, 0.6)
+    f = torch.tensor([0.8, 0.2, 0.01])
+    torch.testing.assert_close(w, f.pow(-0.6) / f.pow(-0.6).mean())
+    assert w[2] > w[1] > w[0] and abs(float(w.mean()) - 1) < 1e-6
+    assert class_weights(labels, 0.0) is None

@@ -4,6 +4,7 @@ import torch
 
 from acrst_fast.config import load_config
 from acrst_fast.data.build import load_datasets
+from acrst_fast.data.loader import apply_pending
 from acrst_fast.dist import DistInfo
 from acrst_fast.engine.build import build_runner
 from conftest import tiny_config_dict, write_config
@@ -12,9 +13,10 @@ ACRST_SS = {"fbr": True, "selective_supervision": True, "n_range": [2, 4], "capa
             "crop_size": 16, "pr_window": 5}
 
 
-def _runner(tmp_path, tiny_demo, acrst: dict | None):
+def _runner(tmp_path, tiny_demo, acrst: dict | None, augment: dict | None = None):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     raw = tiny_config_dict(tiny_demo, tmp_path / "run", total_steps=4, pretrain_steps=1)
-    raw["augment"].update({"jitter_prob": 1.0, "cutout": [[1.0, 0.05, 0.2]]})  # strong differs from weak
+    raw["augment"].update({"jitter_prob": 1.0, "cutout": [[1.0, 0.05, 0.2]], **(augment or {})})  # strong != weak
     raw["mean_teacher"]["tau_cls"] = 0.0  # a barely trained teacher still gives pseudo-labels
     if acrst:
         raw["acrst"] = acrst
@@ -49,9 +51,45 @@ def test_teacher_sees_weak_views_and_student_strong_views(tmp_path, tiny_demo):
     _, unl = batches[-1]
     (seen_by_teacher,), = teacher.calls
     _, _, unl_images, _ = student.calls[0]
-    assert any(not torch.equal(w, s) for w, s in zip(unl.weak, unl.strong))  # the views differ
+    strong = apply_pending(unl.strong, unl.pending)  # the strong photometric ops run in the step
+    assert any(not torch.equal(w, s) for w, s in zip(unl.weak, strong))  # the views differ
     assert all(torch.equal(a, b) for a, b in zip(seen_by_teacher, unl.weak))
-    assert all(torch.equal(a, b) for a, b in zip(unl_images, unl.strong))
+    assert all(torch.equal(a, b) for a, b in zip(unl_images, strong))
+
+
+def _pasted_then_seen(tmp_path, tiny_demo, after_paste: bool):
+    """(images right after the paste, the student's unlabeled inputs, the batch) of a mutual step with FBR."""
+    runner = _runner(tmp_path, tiny_demo, acrst=ACRST_SS, augment={"photometric_after_paste": after_paste,
+                                                                   "cutout": [], "blur_prob": 0.0})
+    runner.start(0)
+    runner.run_step(0)
+    pasted, batches = [], []
+    rebalance, take = runner.rebalance, runner._batches
+    runner._batches = lambda step: batches.append(take(step)) or batches[-1]
+
+    def spy_rebalance(*args, **kwargs):
+        out = rebalance(*args, **kwargs)
+        pasted.append([im.clone() for im in out.unl_images])
+        return out
+
+    runner.rebalance = spy_rebalance
+    student = Spy(runner.student_losses)
+    runner.student_losses = student
+    runner.run_step(1)
+    return pasted[-1], student.calls[0][2], batches[-1][1]
+
+
+def test_pasted_pixels_receive_the_photometric_ops(tmp_path, tiny_demo):
+    """Geometry, crop-paste, then colour jitter etc. (paper): the student's strong view is the pasted image
+    through the photometric ops, so pasted instances are augmented with the image they land in. The old
+    order (augment.photometric_after_paste=false) pastes into finished strong views."""
+    pasted, seen, unl = _pasted_then_seen(tmp_path / "new", tiny_demo, after_paste=True)
+    assert any(not torch.equal(p, w) for p, w in zip(pasted, unl.weak))  # instances were pasted
+    expected = apply_pending(pasted, unl.pending)
+    assert all(torch.equal(a, b) for a, b in zip(seen, expected))
+    assert any(not torch.equal(a, p) for a, p in zip(seen, pasted))  # the ops changed pasted pixels too
+    pasted, seen, unl = _pasted_then_seen(tmp_path / "old", tiny_demo, after_paste=False)
+    assert unl.pending == [] and all(torch.equal(a, b) for a, b in zip(seen, pasted))  # nothing after the paste
 
 
 def test_selective_supervision_weights_reach_the_losses(tmp_path, tiny_demo):

@@ -36,18 +36,19 @@ def stack_padded(images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor
 
 
 def paste_pixels(images: list[torch.Tensor] | torch.Tensor, ops: torch.Tensor, bank_pixels: torch.Tensor,
-                 image_hw: torch.Tensor | None = None) -> list[torch.Tensor] | torch.Tensor:
-    """Paste the op table into `images` with the fastest path for their device; see the module doc."""
+                 image_hw: torch.Tensor | None = None, bank_hw=None) -> list[torch.Tensor] | torch.Tensor:
+    """Paste the op table into `images` with the fastest path for their device; see the module doc.
+    bank_hw: the stored (h, w) of each slot's crop (the CropBank's `stored_hw_host()`; None: whole cells)."""
     if len(images) == 0 or len(ops) == 0:
         return images
     device = images.device if isinstance(images, torch.Tensor) else images[0].device
     if not triton_available(device):
-        return paste_pixels_ref(images, ops, bank_pixels, image_hw)
+        return paste_pixels_ref(images, ops, bank_pixels, image_hw, bank_hw)
     from acrst_fast.kernels.crop_paste import paste_pixels_triton
 
     if isinstance(images, torch.Tensor):
         hw = image_hw if image_hw is not None else torch.tensor([images.shape[2:]] * len(images))
-        return paste_pixels_triton(images, hw, ops, bank_pixels, check=False)
+        return paste_pixels_triton(images, hw, ops, bank_pixels, check=False, bank_hw=bank_hw)
     batch, hw = stack_padded(images)
-    paste_pixels_triton(batch, hw, ops, bank_pixels, check=False)  # the planner's table: no validation pass
+    paste_pixels_triton(batch, hw, ops, bank_pixels, check=False, bank_hw=bank_hw)  # the planner's table: no checks
     return [batch[i, :, :im.shape[1], :im.shape[2]] for i, im in enumerate(images)]

@@ -26,7 +26,7 @@ from acrst_fast.augment.planner import plan_paste
 
 
 class ACRST:
-    def __init__(self, num_classes: int, *, capacity: int = 256, crop_size: int = 64,
+    def __init__(self, num_classes: int, *, capacity: int = 256, crop_size: int = 128,
                  paste: PasteConfig | None = None, beta: float = 0.6, pr_window: int = 200,
                  pr_threshold: float = 0.1, sources: tuple[str, ...] = ("labeled", "pseudo"),
                  device: torch.device | str = "cpu"):
@@ -139,7 +139,8 @@ class ACRST:
         offsets = np.cumsum([0] + [len(b[0]) for b in batches])
         ops = mark_host(torch.cat([p.ops + torch.tensor([int(o), 0, 0, 0, 0, 0, 0])
                                    for p, o in zip(plans, offsets[:-1])]))  # the op table: host data
-        pasted_images = paste_pixels(images, ops, self.bank.pixels)  # the op table stays on the host
+        pasted_images = paste_pixels(images, ops, self.bank.pixels,  # the op table stays on the host
+                                     bank_hw=self.bank.stored_hw_host())
         self._add_time("paste", t0)
         # the plans' boxes, labels and pasted flags go to the device in one upload
         dev = images[0].device if images else torch.device("cpu")

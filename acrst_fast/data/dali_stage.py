@@ -1,4 +1,5 @@
-"""The data stage on NVIDIA DALI: decode, resize, crop, flip and the strong photometric ops in a
+"""The data stage on NVIDIA DALI: decode, resize, crop, flip (and, with augment.photometric_after_paste
+false, the strong photometric ops; by default those run on the device after the crop-paste) in a
 DALI pipeline (on the GPU with `device_id` set, on the CPU with `device_id=None`).
 
 Same streams, same draws as `TorchDataStage` (the fallback): a host-side `ShardedStreamSampler`
@@ -160,8 +161,12 @@ class DaliStream:
         self.records, self.aug, self.views, self.train, self.with_boxes = records, aug, views, train, with_boxes
         self.batch, self.seed, self.stream, self.rank, self.world = batch, seed, stream, rank, world
         self.policy = policy
+        # augment.photometric_after_paste: DALI makes decode + geometry only; the strong view is a copy of
+        # the weak one, whose photometric ops the trainer applies on the device after the crop-paste
+        self.defer = "strong" in views and aug.photometric_after_paste
+        pipe_views = ("weak",) if self.defer else views
         # each iterator gets its own runner (pipeline): iterators run ahead in threads of their own
-        self._runner_args = (batch, device_id, seed * 1000 + stream * 10 + rank, threads, views, policy)
+        self._runner_args = (batch, device_id, seed * 1000 + stream * 10 + rank, threads, pipe_views, policy)
 
     def _item(self, index: int, seed: int) -> dict:
         rec = self.records[index]
@@ -169,11 +174,11 @@ class DaliStream:
         geom = sample_geometry(gen, rec.height, rec.width, self.aug, self.train)
         _, _, cw, ch = geom.crop
         strong = sample_strong(gen, self.aug, ch, cw) if "strong" in self.views else None
-        args = view_args(rec, geom.resized_hw, geom.crop, geom.flip, strong)
+        args = view_args(rec, geom.resized_hw, geom.crop, geom.flip, None if self.defer else strong)
         boxes = torch.from_numpy(rec.boxes) if self.with_boxes else torch.zeros((0, 4))
         labels = torch.from_numpy(rec.labels) if self.with_boxes else torch.zeros((0,), dtype=torch.int64)
         boxes, keep = apply_geometry_to_boxes(boxes, geom, self.aug.crop_min_box)
-        return {"record": rec, "args": args, "boxes": boxes, "labels": labels[keep], "geometry": geom}
+        return {"record": rec, "args": args, "boxes": boxes, "labels": labels[keep], "geometry": geom, "pending": strong}
 
     def batches(self, start_step: int, infinite: bool) -> Iterator[Batch]:
         if not self.records:
@@ -194,10 +199,14 @@ class DaliStream:
             items, views = runner.run(items)
             if not items:
                 continue
-            yield Batch(image_ids=[it["record"].image_id for it in items], weak=views.get("weak", []),
-                        strong=views.get("strong", []), boxes=[it["boxes"] for it in items],
-                        labels=[it["labels"] for it in items], geometry=[it["geometry"] for it in items],
-                        orig_hw=[(it["record"].height, it["record"].width) for it in items])
+            weak, strong, pending = views.get("weak", []), views.get("strong", []), []
+            if self.defer:
+                strong, pending = [w.clone() for w in weak], [it["pending"] for it in items]
+                weak = weak if "weak" in self.views else []
+            yield Batch(image_ids=[it["record"].image_id for it in items], weak=weak, strong=strong,
+                        boxes=[it["boxes"] for it in items], labels=[it["labels"] for it in items],
+                        geometry=[it["geometry"] for it in items],
+                        orig_hw=[(it["record"].height, it["record"].width) for it in items], pending=pending)
 
 
 def _to_torch(tensor_list) -> list[torch.Tensor]:

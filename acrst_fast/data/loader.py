@@ -29,7 +29,7 @@ from acrst_fast.data.coco import DataError, ImageRecord, decode_image
 from acrst_fast.streams import Stream, sample_seed  # noqa: F401 - sample_seed: also the loader's API
 from acrst_fast.data.transforms import (
     Geometry, StrongParams, apply_geometry_to_boxes, apply_geometry_to_image, apply_strong, sample_geometry,
-    sample_strong, strong_photometric,
+    sample_strong,
 )
 
 # Set in the main process when it exits (atexit runs this before multiprocessing terminates its
@@ -80,6 +80,10 @@ class Batch:
     raw: list[torch.Tensor] = field(default_factory=list)
     strong_params: list[StrongParams | None] = field(default_factory=list)
     views: tuple[str, ...] = ()
+    # augment.photometric_after_paste: `strong` holds geometry-only views (copies of the weak pixels) and
+    # these are their photometric draws, applied by the trainer after the crop-paste (`apply_pending`)
+    pending: list[StrongParams] = field(default_factory=list)
+    defer_photometric: bool = False  # with `raw`: finish_views leaves the photometric ops pending
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -98,14 +102,29 @@ class Batch:
         if not self.raw:
             return dataclasses.replace(self, weak=[t.to(device, non_blocking=True) for t in self.weak],
                                        strong=[t.to(device, non_blocking=True) for t in self.strong])
-        weak, strong = [], []
+        weak, strong, pending = [], [], []
         for image, geom, params in zip(self.raw, self.geometry, self.strong_params):
             w = apply_geometry_to_image(image.to(device, non_blocking=True).float().div_(255.0), geom)
-            if "strong" in self.views:
+            if "strong" in self.views and self.defer_photometric:
+                strong.append(w.clone())
+                pending.append(params)
+            elif "strong" in self.views:
                 strong.append(apply_strong(w, params))
             if "weak" in self.views:
                 weak.append(w)
-        return dataclasses.replace(self, weak=weak, strong=strong, raw=[], strong_params=[])
+        return dataclasses.replace(self, weak=weak, strong=strong, raw=[], strong_params=[], pending=pending)
+
+
+def apply_pending(images: list[torch.Tensor], pending: list[StrongParams]) -> list[torch.Tensor]:
+    """The strong views' photometric ops (`apply_strong`: colour jitter, grayscale, blur, CutOut), on the
+    images' device, after the crop-paste: `images` (list of Tensor[3, H, W] in [0, 1]) are the pasted
+    geometry-only strong views of a batch whose `pending` draws they are. New tensors; `images` as they
+    are when nothing is pending (augment.photometric_after_paste false: applied in the data stage)."""
+    if not pending:
+        return images
+    if len(pending) != len(images):
+        raise ValueError(f"{len(images)} images but {len(pending)} pending photometric draws")
+    return [apply_strong(im, p) for im, p in zip(images, pending)]
 
 
 def to_device_ahead(batches: Iterator[Batch], device: torch.device) -> Iterator[Batch]:
@@ -216,14 +235,17 @@ class DetectionViews(Dataset):
         labels = torch.from_numpy(rec.labels) if self.with_boxes else torch.zeros((0,), dtype=torch.int64)
         boxes, keep = apply_geometry_to_boxes(boxes, geom, self.aug.crop_min_box)
         out = {"image_id": rec.image_id, "boxes": boxes, "labels": labels[keep], "geometry": geom, "orig_hw": (h, w),
-               "weak": None, "strong": None, "views": self.views}
-        if self.raw:  # the same draws, in the same order, as strong_photometric on the weak view makes
-            _, _, cw, ch = geom.crop
-            params = sample_strong(gen, self.aug, ch, cw) if "strong" in self.views else None
+               "weak": None, "strong": None, "views": self.views, "defer": self.aug.photometric_after_paste}
+        _, _, cw, ch = geom.crop
+        # the same draws, in the same order, as strong_photometric on the weak view makes
+        params = sample_strong(gen, self.aug, ch, cw) if "strong" in self.views else None
+        if self.raw:
             return out | {"raw": decoded, "strong_params": params}
         weak = apply_geometry_to_image(decoded.float().div_(255.0), geom)
-        return out | {"weak": weak if "weak" in self.views else None,
-                      "strong": strong_photometric(weak, gen, self.aug) if "strong" in self.views else None}
+        out["weak"] = weak if "weak" in self.views else None
+        if params is not None and self.aug.photometric_after_paste:  # photometric ops after the paste, in the step
+            return out | {"strong": weak.clone(), "pending": params}
+        return out | {"strong": apply_strong(weak, params) if params is not None else None}
 
 
 def collate(items: list[dict]) -> tuple[Batch, list[str]]:
@@ -241,6 +263,8 @@ def collate(items: list[dict]) -> tuple[Batch, list[str]]:
         raw=[it["raw"] for it in items if "raw" in it],
         strong_params=[it["strong_params"] for it in items if "raw" in it],
         views=items[0]["views"] if items else (),
+        pending=[it["pending"] for it in items if "pending" in it],
+        defer_photometric=bool(items) and items[0].get("defer", False),
     ), errors
 
 

@@ -166,7 +166,8 @@ def apply_strong(image: torch.Tensor, p: StrongParams) -> torch.Tensor:
         k = blur_kernel_size(p.blur_sigma)
         img = TF.gaussian_blur(img, kernel_size=[k, k], sigma=[p.blur_sigma, p.blur_sigma])
     for y, x, eh, ew, fill in p.erase:
-        img[:, y:y + eh, x:x + ew] = torch.tensor(fill, dtype=img.dtype, device=img.device)[:, None, None]
+        for c, value in enumerate(fill):  # scalar fills: no host-to-device copy when the image is on a GPU
+            img[c, y:y + eh, x:x + ew] = value
     return img.clamp_(0.0, 1.0)
 
 

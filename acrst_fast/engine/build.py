@@ -16,9 +16,10 @@ from acrst_fast.config import Config, ConfigError
 from acrst_fast.data.dali_stage import DaliDataStage
 from acrst_fast.data.loader import TorchDataStage
 from acrst_fast.engine.mean_teacher import MeanTeacher, StudentLosses
-from acrst_fast.engine.ssmll_runner import SSMLLRunner
+from acrst_fast.engine.ssmll_runner import SSMLLRunner, class_weights
 from acrst_fast.models.detector import backbone_file, build_detector
 from acrst_fast.ssmll.data import SquareViews, dali_step_batches, eval_loader, step_loader
+from acrst_fast.ssmll.metrics import image_labels
 from acrst_fast.ssmll.model import load_classifier
 from acrst_fast.streams import Stream
 
@@ -121,7 +122,9 @@ def build_ssmll_runner(cfg: Config, datasets, info, source: str) -> tuple[SSMLLR
                                      cfg.data.bad_images, info.rank, info.world)
         return iter(step_loader(views[split], batch[split], first, end, workers, info.rank, info.world))
 
-    runner = SSMLLRunner(cfg, k, info.device, batches, info.rank, info.world)
+    labels = image_labels([torch.from_numpy(r.labels) for r in datasets.labeled], k)
+    runner = SSMLLRunner(cfg, k, info.device, batches, info.rank, info.world,
+                         pos_weight=class_weights(labels, m.rebalance_beta))
     splits = {"val": datasets.val} | ({"unlabeled": datasets.unlabeled}
                                       if any(len(r.labels) for r in datasets.unlabeled) else {})
     loaders = {s: eval_loader(r, k, m.input_size, cfg.augment, m.batch_labeled, workers, info.rank, info.world)

@@ -11,9 +11,11 @@ are pseudo-labels for the student on the strong view (same geometry, so boxes ca
             + RPN reg + RoI reg on pasted instances only, with selective supervision (Eq. 10)
 
 With ACRST (`acrst.fbr`), every student image (labeled and unlabeled strong views) gets CropBank
-instances pasted in (FBR), sampled by class with mu from Pseudo Recall (AFFR). The Labeled bank
-is filled from the labeled weak views during the first pass over this rank's labeled shard; the
-Pseudo bank from the kept pseudo-labels on the unlabeled weak views, every mutual step.
+instances pasted in (FBR) once mutual learning starts (`acrst.paste_during_pretrain` pastes during
+burn-in too), sampled by class with mu from Pseudo Recall (AFFR). The Labeled bank is filled from
+the labeled weak views during the first pass over this rank's labeled shard; the Pseudo bank from
+the kept pseudo-labels on the unlabeled weak views, every mutual step. The strong photometric ops
+run after the paste (`augment.photometric_after_paste`), so pasted instances get them too.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from acrst_fast import metric_names as M
 from acrst_fast.augment import ACRST, class_histogram
 from acrst_fast.augment.host import mark_host
 from acrst_fast.config import Config
-from acrst_fast.data.loader import Batch, DataStage
+from acrst_fast.data.loader import Batch, DataStage, apply_pending
 from acrst_fast.engine.amp import Precision, float_outputs
 from acrst_fast.engine.ema import EmaTeacher
 from acrst_fast.engine.outputs import PHASE_PRETRAIN, Deferred, StepOutput
@@ -201,6 +203,8 @@ class MeanTeacher(StudentTeacherRunner):
             inputs = self.rebalance(step, lab, inputs,
                                     paste=unl is not None or self.cfg.acrst.paste_during_pretrain)
         clock.mark("acrst")
+        inputs = self.photometric(inputs, lab, unl)
+        clock.mark("photometric")
         losses = self.losses(step, inputs)
         self.optimise(losses.total)
         clock.mark("student")
@@ -229,6 +233,13 @@ class MeanTeacher(StudentTeacherRunner):
         if self.acrst is not None:
             self.acrst.observe_teacher(weak, predictions, kept, self._generator(step, Stream.ACRST_OBSERVE))
         return pseudo
+
+    @staticmethod
+    def photometric(inputs: StudentInputs, lab: Batch, unl: Batch | None) -> StudentInputs:
+        """The strong views' photometric ops, after the crop-paste (augment.photometric_after_paste): the
+        pasted instances are augmented with the image they land in. On the images' device."""
+        return replace(inputs, lab_images=apply_pending(inputs.lab_images, lab.pending),
+                       unl_images=apply_pending(inputs.unl_images, unl.pending) if unl is not None else None)
 
     def losses(self, step: int, inputs: StudentInputs) -> Losses:
         """The student's forward on both groups (one DDP forward): L = L_sup + lambda_unsup * L_unsup."""

@@ -25,7 +25,8 @@ from acrst_fast.engine.outputs import PHASE_MUTUAL, Deferred, StepOutput
 from acrst_fast.engine.runner import StudentTeacherRunner
 from acrst_fast.ssmll.losses import focal_bce
 from acrst_fast.ssmll.metrics import negative_metrics
-from acrst_fast.ssmll.model import build_ssmll, preprocess
+from acrst_fast.ssmll.model import build_ssmll, known_label_states, preprocess
+from acrst_fast.streams import Stream, generator
 
 # batches(views: "labeled" | "unlabeled", first step, end step) -> iterator of this rank's
 # {"weak", "strong": Tensor[B, 3, S, S] in [0, 1], "labels": Tensor[B, K]}
@@ -40,16 +41,21 @@ class SSMLLForward(nn.Module):
         super().__init__()
         self.net = net
 
-    def forward(self, labeled: torch.Tensor, unlabeled: torch.Tensor | None = None):
-        return self.net(labeled), self.net(unlabeled) if unlabeled is not None else None
+    def forward(self, labeled: torch.Tensor, unlabeled: torch.Tensor | None = None,
+                states: torch.Tensor | None = None):
+        """states: the labeled images' label states (label-mask training); unlabeled images: all unknown."""
+        return self.net(labeled, states), self.net(unlabeled) if unlabeled is not None else None
 
 
 class SSMLLRunner(StudentTeacherRunner):
     """Student, EMA teacher, Adam and the step of the classifier's Mean Teacher, on one rank."""
 
     def __init__(self, cfg: Config, num_classes: int, device: torch.device, batches: Batches, rank: int = 0,
-                 world: int = 1):
+                 world: int = 1, pos_weight: torch.Tensor | None = None):
+        """pos_weight: Tensor[K], the weight of each class's positive term (`class_weights`; None: 1)."""
         self.cfg, self.m, self.device, self.batches = cfg, cfg.ssmll, device, batches
+        self.rank, self.world = rank, world
+        self.pos_weight = pos_weight.to(device) if pos_weight is not None else None
         torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
         self.student = build_ssmll(self.m, num_classes).to(device)
         if rank:  # dropout draws of their own on the other ranks (rank 0 continues the build's stream)
@@ -82,14 +88,18 @@ class SSMLLRunner(StudentTeacherRunner):
         lab = next(self._labeled)
         unl = next(self._unlabeled) if self.phase(step) == PHASE_MUTUAL else None
         targets = self._teacher_targets(step, unl) if unl is not None else None
+        labels = lab["labels"].to(self.device)
+        states, unknown = known_label_states(lab["labels"], self.m.label_mask, generator(
+            self.cfg.run.seed, Stream.SSMLL_LABEL_MASK, step * self.world + self.rank))
         self.student.train()
         with self.precision.autocast():
             lab_logits, unl_logits = self.forward(self._input(lab["strong"]),
-                                                  self._input(unl["strong"]) if unl is not None else None)
-        loss_sup = focal_bce(lab_logits.float(), lab["labels"].to(self.device), self.m.focal_gamma)
+                                                  self._input(unl["strong"]) if unl is not None else None,
+                                                  states.to(self.device))
+        loss_sup = focal_bce(lab_logits.float(), labels, self.m.focal_gamma, unknown.to(self.device), self.pos_weight)
         total, unsup, deferred = loss_sup, {}, []
         if unl is not None:
-            loss_unsup = focal_bce(unl_logits.float(), targets, self.m.focal_gamma)
+            loss_unsup = focal_bce(unl_logits.float(), targets, self.m.focal_gamma, pos_weight=self.pos_weight)
             total = total + self.m.lambda_unsup * loss_unsup
             unsup = {"loss_focal": loss_unsup.detach()}
             positives = targets.sum(1).mean()
@@ -130,6 +140,20 @@ class SSMLLRunner(StudentTeacherRunner):
         parts = dist.all_gather_object((torch.cat(probs) if probs else torch.zeros(0, k),
                                         torch.cat(labels) if labels else torch.zeros(0, k)))
         return torch.cat([p for p, _ in parts]), torch.cat([lab for _, lab in parts])
+
+
+def class_weights(labels: torch.Tensor, beta: float) -> torch.Tensor | None:
+    """SSMLL's class rebalancing (the paper extends ACRST to SSMLL): the weight of class k's positive term,
+    (f_k)^-beta normalised to mean 1, f_k the fraction of labeled images where class k is present (at
+    least 1 / N). labels: Tensor[N, K] multi-hot. None when beta is 0. ACRST rebalances the detector by
+    pasting rare-class instances; the classifier sees whole images with image-level labels, so it is
+    rebalanced in its loss instead, with the same exponent."""
+    if beta == 0:
+        return None
+    n = max(1, len(labels))
+    freq = labels.float().mean(0).clamp(min=1.0 / n) if len(labels) else torch.ones(labels.shape[1])
+    w = freq.pow(-beta)
+    return w / w.mean()
 
 
 def evaluate(runner: SSMLLRunner, model: nn.Module, loaders: dict, taus: list[float]) -> dict:

@@ -1,8 +1,11 @@
-"""The SSMLL classifier: CNN feature tokens + label embeddings -> transformer encoder -> K logits.
+"""The SSMLL classifier: CNN feature tokens + label tokens -> transformer encoder -> K logits.
 
-In the spirit of C-Tran (Lanchantin et al. 2021): the backbone's last feature map (stride 32)
-is projected to `dim` channels and flattened into h*w tokens; K learned label embeddings are
-appended; a pre-norm transformer encoder mixes them; logit_k = <w_k, label token k> + b_k.
+C-Tran (Lanchantin et al. 2021): the backbone's last feature map (stride 32) is projected to `dim`
+channels and flattened into h*w tokens; K label tokens are appended, each its class's learned
+embedding plus a state embedding (unknown, negative or positive: `STATE_*`); a pre-norm
+transformer encoder mixes them; logit_k = <w_k, label token k> + b_k. With `states` left out every
+label is unknown (inference). Label-mask training (`known_label_states`) reveals a random part of
+an image's labels as states and trains on the rest, so the encoder learns label dependencies.
 
 Inputs: Tensor[B, 3, S, S] normalised with the ImageNet mean/std (`preprocess` does it from
 images in [0, 1] of any size). Output: Tensor[B, K] logits, class k = label k + 1 of the detector.
@@ -24,6 +27,21 @@ from acrst_fast.models.detector import WeightsError, backbone_file, load_matchin
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
+STATE_UNKNOWN, STATE_NEGATIVE, STATE_POSITIVE = 0, 1, 2
+
+
+def known_label_states(labels: torch.Tensor, max_known: float, generator: torch.Generator | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """C-Tran's label-mask training: for each image floor(r * K) of its K labels, r ~ U[0, max_known], are
+    revealed, chosen at random. labels: Tensor[B, K] in {0, 1}. Returns (states Tensor[B, K] int64: STATE_POSITIVE /
+    STATE_NEGATIVE where revealed, STATE_UNKNOWN elsewhere; unknown Tensor[B, K] bool: the labels the
+    loss is computed on)."""
+    b, k = labels.shape
+    n_known = (torch.rand((b, 1), generator=generator) * max_known * k).floor()  # floor(r * K) of them
+    order = torch.rand((b, k), generator=generator).argsort(dim=1).argsort(dim=1)  # a random rank per label
+    known = (order < n_known).to(labels.device)
+    states = torch.where(labels >= 0.5, STATE_POSITIVE, STATE_NEGATIVE) * known
+    return states.long(), ~known
 
 
 def _trunk(backbone: str, weights: str) -> tuple[nn.Module, int]:
@@ -48,6 +66,8 @@ class SSMLLNet(nn.Module):
         self.trunk, channels = _trunk(backbone, backbone_weights)
         self.proj = nn.Conv2d(channels, dim, kernel_size=1)
         self.label_embed = nn.Parameter(torch.randn(num_classes, dim) * 0.02)
+        self.state_embed = nn.Embedding(3, dim)  # unknown / negative / positive (C-Tran)
+        nn.init.normal_(self.state_embed.weight, std=0.02)
         layer = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=2 * dim, dropout=0.1, batch_first=True,
                                            norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
@@ -55,11 +75,14 @@ class SSMLLNet(nn.Module):
         self.head_weight = nn.Parameter(torch.randn(num_classes, dim) * dim ** -0.5)
         self.head_bias = nn.Parameter(torch.zeros(num_classes))
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """images: Tensor[B, 3, S, S] normalised -> logits Tensor[B, K]."""
+    def forward(self, images: torch.Tensor, states: torch.Tensor | None = None) -> torch.Tensor:
+        """images: Tensor[B, 3, S, S] normalised; states: Tensor[B, K] int64 (STATE_*; None: all unknown)
+        -> logits Tensor[B, K]."""
         feats = self.proj(self.trunk(images))  # [B, D, h, w]
         tokens = feats.flatten(2).transpose(1, 2)  # [B, h*w, D]
-        labels = self.label_embed.unsqueeze(0).expand(len(images), -1, -1)
+        if states is None:
+            states = torch.zeros((len(images), self.num_classes), dtype=torch.int64, device=images.device)
+        labels = self.label_embed.unsqueeze(0) + self.state_embed(states)  # [B, K, D]
         out = self.norm(self.encoder(torch.cat([tokens, labels], dim=1))[:, -self.num_classes:])  # [B, K, D]
         return (out * self.head_weight).sum(-1) + self.head_bias
 
@@ -108,5 +131,9 @@ def load_classifier(path: str | Path, class_names: tuple[str, ...],
     fields = {f.name for f in dataclasses.fields(SSMLLConfig)}
     cfg = SSMLLConfig(**{k: v for k, v in blob["ssmll"].items() if k in fields} | {"backbone_weights": ""})
     model = build_ssmll(cfg, len(class_names))
-    model.load_state_dict(blob["state"])
+    try:
+        model.load_state_dict(blob["state"])
+    except RuntimeError as exc:
+        raise WeightsError(f"{path}: the classifier does not fit this version's network ({one_line(str(exc))[:120]}); "
+                           "train it again with python -m acrst_fast.train_ssmll") from None
     return model.to(device).eval(), cfg.input_size
