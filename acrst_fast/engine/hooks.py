@@ -273,9 +273,9 @@ class CheckpointHook(HookBase):
         """Each rank writes its own state first; rank 0 writes the main file last, so a main file on
         disk means every rank's part of that checkpoint is complete."""
         step = trainer.step
-        own = trainer.rank_state_dict()
-        if own:
-            ckpt.atomic_save({"step": step, **own}, ckpt.rank_state_path(self.run_dir, step, self.rank))
+        if trainer.runner.has_rank_state:
+            ckpt.atomic_save({"step": step, **trainer.rank_state_dict()},
+                             ckpt.rank_state_path(self.run_dir, step, self.rank))
         rngs = dist.gather_to_main(ckpt.rng_state())  # also a barrier: every rank's part is on disk
         state = trainer.state_dict()  # every rank: hooks see the checkpoint (the guard tests it)
         if not self.is_main:
@@ -308,7 +308,7 @@ def restore(trainer: Trainer, path: Path, state: dict, rank: int, config: dict) 
         raise ckpt.CheckpointError(f"{path}: {_model_mismatch(state.get('config', {}), config, exc)}") from None
     rngs = state["rng"]
     ckpt.set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
-    if trainer.runner.rank_state_dict():
+    if trainer.runner.has_rank_state:
         part = ckpt.rank_state_path(path.parent, trainer.step, rank)
         if not part.is_file():
             raise ckpt.CheckpointError(f"{path}: this rank's state {part.name} is missing (was the run started "

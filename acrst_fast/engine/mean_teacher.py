@@ -387,6 +387,10 @@ class MeanTeacher(StudentTeacherRunner):
 
         return Deferred(tensors, named)
 
+    @property
+    def has_rank_state(self) -> bool:
+        return self.acrst is not None
+
     def rank_state_dict(self) -> dict:
         """This rank's own state: its CropBank and Pseudo Recall (empty without ACRST)."""
         return {"acrst": self.acrst.state_dict()} if self.acrst is not None else {}

@@ -42,6 +42,11 @@ class StudentTeacherRunner:
         self.optimizer.load_state_dict(state["optimizer"])
         self.precision.load_state_dict(state.get("grad_scaler", {}))
 
+    @property
+    def has_rank_state(self) -> bool:
+        """Whether `rank_state_dict` holds anything (without building it)."""
+        return False
+
     def rank_state_dict(self) -> dict:
         """State this rank owns alone (none by default)."""
         return {}
