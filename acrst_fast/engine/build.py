@@ -65,7 +65,6 @@ def build_runner(cfg: Config, datasets, info, source: str,
     student = build_detector(cfg.model, datasets.categories.num_classes).to(info.device)
     if cfg.solver.channels_last:
         student = student.to(memory_format=torch.channels_last)
-    torch.manual_seed(cfg.run.seed + 1000 * info.rank)  # per-rank streams for the RoI/RPN samplers
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=cfg.solver.lr, momentum=cfg.solver.momentum,
                                 weight_decay=cfg.solver.weight_decay)
@@ -91,6 +90,9 @@ def build_runner(cfg: Config, datasets, info, source: str,
     classifier, classifier_size = None, 0
     if cfg.ssmll.filter != "single":
         classifier, classifier_size = load_classifier(cfg.ssmll.checkpoint, datasets.categories.names, info.device)
+    # per-rank streams for the RoI/RPN samplers, seeded after everything built draws (the classifier's
+    # init): every ablation row, with or without a classifier, trains its burn-in on the same draws
+    torch.manual_seed(cfg.run.seed + 1000 * info.rank)
     shard = math.ceil(len(datasets.labeled) / info.world)
     runner = MeanTeacher(cfg, student, losses, optimizer, stage, info.device, acrst=acrst,
                          labeled_bank_steps=math.ceil(shard / batch_labeled),
