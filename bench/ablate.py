@@ -1,12 +1,13 @@
 """Ablation of the paper's Table 4 on the demo data, over seeds: each row is a set of config overrides.
 
-    python bench/ablate.py [--config configs/demo.yaml] [--out runs/ablate] [--rows mt fbr affr ss all]
+    python bench/ablate.py [--config configs/demo.yaml] [--out runs/ablate] [--rows sup mt fbr affr ss all]
                            [--seeds 3] [--ssmll CLASSIFIER] [KEY=VALUE ...]
 
 Each (row, seed) trains `python -m acrst_fast.train CONFIG run.seed=SEED` into OUT/ROW/seedSEED; one
 whose folder already holds final_metrics.json is not trained again, so an interrupted ablation
 continues where it stopped. Rows start from plain Mean Teacher (ACRST and two-stage filtering off)
-and switch parts on, so they do not depend on what the config enables. The two-stage rows (ts,
+and switch parts on, so they do not depend on what the config enables; `sup` is supervised
+training alone for the same number of steps (the fair baseline of a short schedule). The two-stage rows (ts,
 affr_ts, all) filter with one SSMLL classifier per seed, trained once into OUT/ssmll/seedSEED
 (`python -m acrst_fast.train_ssmll`) and shared by those rows, or with `--ssmll FILE`.
 
@@ -32,7 +33,9 @@ from acrst_fast import metric_names as M
 MEAN_TEACHER = ["acrst.fbr=false", "acrst.selective_supervision=false", "ssmll.filter=single"]
 FBR, AFFR, SS, TWO_STAGE = (["acrst.fbr=true", "acrst.beta=0"], ["acrst.fbr=true", "acrst.beta=0.6"],
                             ["acrst.selective_supervision=true"], ["ssmll.filter=two_stage"])
+SUPERVISED = "@supervised"  # replaced by solver.pretrain_steps=<the config's total_steps>: no mutual learning
 ROWS = {
+    "sup": ("supervised only, same steps", MEAN_TEACHER + [SUPERVISED]),
     "mt": ("Mean Teacher", MEAN_TEACHER),
     "fbr": ("+ FBR", MEAN_TEACHER + FBR),
     "affr": ("+ FBR + AFFR", MEAN_TEACHER + AFFR),
@@ -86,6 +89,11 @@ def classifier(args, out: Path, seed: int) -> str:
 
 def train_row(args, out: Path, row: str, seed: int) -> dict:
     label, extra = ROWS[row]
+    if SUPERVISED in extra:
+        from acrst_fast.config import load_config
+
+        total = load_config(args.config, args.overrides).solver.total_steps
+        extra = [e if e != SUPERVISED else f"solver.pretrain_steps={total}" for e in extra]
     if "ssmll.filter=two_stage" in extra:
         extra = [*extra, f"ssmll.checkpoint={classifier(args, out, seed)}"]
     run_dir = out / row / f"seed{seed}"
