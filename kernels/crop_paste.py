@@ -90,11 +90,11 @@ def paste_pixels_ref(images: list[torch.Tensor] | torch.Tensor, ops: torch.Tenso
     s x s cell at its own aspect ratio (default: the whole cell). The crop is resized in 0..255 units;
     uint8 images get it rounded half up, float images divided by 255.
     """
-    bank_hw = None if bank_hw is None else torch.as_tensor(bank_hw).tolist()
+    bank_hw = None if bank_hw is None else np.asarray(bank_hw.cpu() if torch.is_tensor(bank_hw) else bank_hw)
     for img_i, slot, x0, y0, h, w, flip in ops.tolist():
         image = images[img_i]
         H, W = (int(v) for v in image_hw[img_i]) if image_hw is not None else image.shape[1:]
-        sh, sw = bank_hw[slot] if bank_hw is not None else bank_pixels.shape[2:]
+        sh, sw = (int(v) for v in bank_hw[slot]) if bank_hw is not None else bank_pixels.shape[2:]
         crop = resize_bilinear(bank_pixels[slot, :, :sh, :sw].to(image.device), h, w)
         if flip:
             crop = crop.flip(-1)
