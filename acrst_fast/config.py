@@ -399,6 +399,8 @@ def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
             raise ConfigError(f"{source}: key '{key}' must be a number, got {value!r}")
         return float(value)
     if tp is str:
+        if isinstance(value, bool):  # YAML 1.1 reads off/no/false as False and on/yes/true as True
+            return "off" if not value else "on"  # the mode checks then name the accepted spellings
         if not isinstance(value, str):
             raise ConfigError(f"{source}: key '{key}' must be a string, got {value!r}")
         return value

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from acrst_fast.augment.host import upload
+
 MODES = ("single", "two_stage", "mining")
 
 
@@ -44,7 +46,7 @@ def filter_pseudo_labels(predictions: list[dict[str, torch.Tensor]], tau_cls: fl
     labels = torch.cat([p["labels"].detach() for p in predictions])
     scores = torch.cat([p["scores"].detach() for p in predictions])
     image = torch.repeat_interleave(torch.arange(len(sizes), device=device),
-                                    torch.tensor(sizes, device=device), output_size=sum(sizes))
+                                    upload(torch.tensor(sizes), device), output_size=sum(sizes))
     keep = scores >= tau_cls
     bad = torch.zeros((), dtype=torch.int64, device=device)
     if mode != "single" and len(labels):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from collections import Counter
 
 import torch
@@ -29,6 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 _PROJECT = (os.path.dirname(os.path.abspath(__file__)) + os.sep,
             os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels") + os.sep)
 _TORCH = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
+_WARNINGS = os.path.abspath(warnings.__file__)  # Python 3.12 routes a C++ warning through warnings._showwarnmsg
 _METHODS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
 _aten = torch.ops.aten
 _DATA_DEPENDENT = {_aten.nonzero.default, _aten.masked_select.default, _aten._unique2.default,
@@ -41,7 +43,7 @@ def _site() -> tuple[str, bool]:
     frame = sys._getframe(2)
     while frame is not None:
         path = os.path.abspath(frame.f_code.co_filename)
-        if not path.startswith(_TORCH) and path != os.path.abspath(__file__):
+        if not path.startswith(_TORCH) and path not in (os.path.abspath(__file__), _WARNINGS):
             project = path.startswith(_PROJECT)
             short = "/".join(path.split(os.sep)[-2:])
             return f"{short}:{frame.f_lineno} {frame.f_code.co_name}", project

@@ -45,3 +45,23 @@ def copy_ms(moved_bytes: int, repeat: int, device: torch.device) -> float:
     src = torch.empty(max(1, moved_bytes // 2), dtype=torch.uint8, device=device).random_()
     dst = torch.empty_like(src)
     return median_ms(lambda: dst.copy_(src), repeat, device)
+
+
+def timing_classifier(cfg, class_names: tuple[str, ...]):
+    """`cfg` itself, or, when it asks for the two-stage filter without naming an SSMLL checkpoint, a copy of it
+    that names an UNTRAINED classifier of the configured architecture (saved under run.output_dir).
+
+    A benchmark times the filter's work, which does not depend on the weights; training would first run
+    the SSMLL stage (minutes to hours) to make the checkpoint."""
+    import dataclasses
+    from pathlib import Path
+
+    from acrst_fast.ssmll.model import build_ssmll, save_classifier
+
+    if cfg.ssmll.filter == "single" or cfg.ssmll.checkpoint:
+        return cfg
+    m = dataclasses.replace(cfg.ssmll, backbone_weights="")
+    path = Path(cfg.run.output_dir) / "untrained_ssmll.pt"
+    save_classifier(path, build_ssmll(m, len(class_names)), m, class_names)
+    print(f"two-stage filter with an untrained {m.backbone} SSMLL classifier ({path.name}): timing only")
+    return dataclasses.replace(cfg, ssmll=dataclasses.replace(cfg.ssmll, checkpoint=str(path)))

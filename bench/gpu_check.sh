@@ -4,7 +4,12 @@
 #
 #   bash gpu_check.sh [REPO_DIR]          (default: the current directory; it must be the repo root)
 #   SKIP_INSTALL=1 bash gpu_check.sh      (already installed: pip install -e ".[test,dali]")
+#   OFFLINE=1 bash gpu_check.sh           (no package index, torch already there, as on the lent H200: builds
+#                                          acrst_fast._C with --no-deps and takes other wheels from .whl/)
 #   BUDGET=900 bash gpu_check.sh          (more time: every step runs)
+#   FULL_SUITE=0 bash gpu_check.sh        (skip step 6)
+#   DEV=cpu SKIP_INSTALL=1 bash gpu_check.sh   (a dry run of every command on a machine without a GPU)
+# Without DALI installed, the DALI cases are deselected and the pipeline bench is skipped.
 #
 # About 8 min when torch 2.14.1 (cu130) is already installed; a cold torch download eats into the
 # budget and the last steps are then skipped (they are ordered by value). Steps, each time-boxed, a
@@ -30,6 +35,7 @@ WORK="$(mktemp -d /tmp/gpu_check.XXXXXX)"
 export PROBE_WORK="$WORK/probe" PYTHONUNBUFFERED=1
 PY="${PYTHON:-python3}"
 BUDGET="${BUDGET:-540}"
+export DEV="${DEV:-cuda}"  # DEV=cpu: a dry run of the commands on a machine without a GPU
 T0=$(date +%s)
 NAMES=(); CODES=()
 
@@ -50,7 +56,14 @@ run() {  # run NAME LIMIT_S CMD...   (TAIL=n: lines of its log to print)
 
 # ---------- 1 install, versions
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "nvidia-smi not found"
-if [ "${SKIP_INSTALL:-0}" != 1 ]; then
+if [ "${OFFLINE:-0}" = 1 ]; then
+  # a machine with torch, triton, pybind11 and cmake but no package index (the lent GPU): build acrst_fast._C
+  # against what is there, and take the other wheels from .whl/ (pycocotools; DALI's 0.5 GB wheel cannot travel)
+  TAIL=15 run install 240 bash -c "$PY -m pip install -q --disable-pip-version-check --no-index --no-deps \
+      --no-build-isolation -e . && { [ ! -d .whl ] || $PY -m pip install -q --disable-pip-version-check --no-index \
+      --no-deps --target /tmp/site .whl/*.whl; }"
+  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+elif [ "${SKIP_INSTALL:-0}" != 1 ]; then
   TAIL=15 run install 330 "$PY" -m pip install -q --disable-pip-version-check -e ".[test,dali]"
 fi
 TAIL=10 run env_check 60 "$PY" -c '
@@ -62,27 +75,10 @@ from acrst_fast import _ext; print("acrst_fast._C built:", _ext.HAS_EXT)
 try:
     import nvidia.dali as d; print("dali", d.__version__)
 except ImportError as e: print("dali missing:", e)
-assert torch.cuda.is_available(), "no CUDA device: this script is for a GPU machine"'
+import os
+assert torch.cuda.is_available() or os.environ["DEV"] == "cpu", "no CUDA device: this script is for a GPU machine"'
 
-# ---------- 2 GPU tests: every test marked cuda
-TAIL=25 run test_cuda 240 "$PY" -m pytest -q -p no:cacheprovider -rfEs -m cuda tests
-
-# ---------- 3 benches (CUDA, small repeat counts)
-TAIL=8 run bench_crop_paste 90 "$PY" bench/crop_paste.py --device cuda --batch 16 --repeat 5
-TAIL=6 run bench_ema 60 "$PY" bench/ema.py --device cuda --repeat 5
-# options go before the positionals: argparse rejects CONFIG --steps N KEY=VALUE (overrides after an option)
-TAIL=16 run bench_train_step_demo 120 "$PY" bench/train_step.py --steps 3 --warmup 1 configs/demo.yaml \
-    'model.backbone_weights=""' run.device=cuda
-TC=""
-for d in tests/data/coco ../shared/data/tiny_coco; do [ -f "$d/annotations/instances_train2017.json" ] && TC="$d" && break; done
-if [ -n "$TC" ]; then
-  PIPE_ARGS=(--images "$TC/train2017" --json "$TC/annotations/instances_train2017.json")
-else  # no COCO photos: the demo data bench_train_step_demo generated (160 px squares, resized to 640..800 by the views)
-  PIPE_ARGS=(--images datasets/demo/unlabeled --json datasets/demo/unlabeled.json)
-fi
-TAIL=6 run bench_pipeline 100 "$PY" bench/pipeline.py --device cuda --workers 8 --batch 16 --batches 4 "${PIPE_ARGS[@]}"
-
-# ---------- 4 probes
+# the probes (run in steps 3-5)
 cat > "$WORK/probe.py" <<'PROBE_EOF'
 """GPU probes for acrst_fast (run from the repo root): python probe.py SECTION [SECTION ...]
 
@@ -131,7 +127,10 @@ def probe_triton():
     from acrst_fast.kernels.crop_paste import BLOCK_H, BLOCK_W, paste_pixels_triton
     B, H, W = (32, 800, 1333) if CUDA else (2, 60, 90)
     g = torch.Generator().manual_seed(0)
-    bank = torch.randint(0, 256, (1024, 3, 64, 64), dtype=torch.uint8, generator=g).to(DEV)
+    cell = 128  # the default crop_size: crops stored at their own aspect, longest side up to 128
+    bank = torch.randint(0, 256, (1024, 3, cell, cell), dtype=torch.uint8, generator=g).to(DEV)
+    bank_hw = torch.randint(cell // 4, cell + 1, (1024, 2), generator=g)
+    bank_hw[torch.arange(1024), torch.randint(0, 2, (1024,), generator=g)] = cell  # the longest side fills the cell
     hw = torch.stack([torch.randint(H * 3 // 4, H + 1, (B,), generator=g),
                       torch.randint(W * 3 // 4, W + 1, (B,), generator=g)], 1)
     rows = []
@@ -164,8 +163,8 @@ def probe_triton():
             base = torch.rand(B, 3, H, W, device=DEV, generator=gd).to(dtype)
         if cl:
             base = base.contiguous(memory_format=torch.channels_last)
-        expect = paste_pixels_ref(base.clone(), ops, bank, hw)
-        got = paste_pixels_triton(base.clone(), hw, ops, bank)
+        expect = paste_pixels_ref(base.clone(), ops, bank, hw, bank_hw)
+        got = paste_pixels_triton(base.clone(), hw, ops, bank, bank_hw=bank_hw)
         err = (got.float() - expect.float()).abs()
         pad = torch.ones(B, H, W, dtype=torch.bool, device=DEV)
         for n, (h, w) in enumerate(hw.tolist()):
@@ -178,20 +177,20 @@ def probe_triton():
         if CUDA:
             img = base.clone()
             ops_dev, hw_dev = ops.to(DEV), hw.to(DEV)
-            paste_pixels_triton(img, hw, ops, bank)
-            k = kernel_ms(lambda: paste_pixels_triton(img, hw, ops, bank), "_paste_kernel")
+            paste_pixels_triton(img, hw, ops, bank, bank_hw=bank_hw)
+            k = kernel_ms(lambda: paste_pixels_triton(img, hw, ops, bank, bank_hw=bank_hw), "_paste_kernel")
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             for _ in range(10):
-                paste_pixels_triton(img, hw, ops, bank)  # as training calls it (ops/hw on the host)
+                paste_pixels_triton(img, hw, ops, bank, check=False, bank_hw=bank_hw)  # as training calls it (host tables)
             torch.cuda.synchronize()
             e2e = (time.perf_counter() - t0) / 10 * 1e3
             t0 = time.perf_counter()
             for _ in range(10):
-                paste_pixels_triton(img, hw_dev, ops_dev, bank)  # as bench/crop_paste.py calls it
+                paste_pixels_triton(img, hw_dev, ops_dev, bank, bank_hw=bank_hw)  # device ops: read back to plan
             torch.cuda.synchronize()
             e2e_dev = (time.perf_counter() - t0) / 10 * 1e3
-            moved = visible * 3 * base.element_size() + len(ops) * bank[0].numel()
+            moved = visible * 3 * base.element_size() + int(bank_hw[ops[:, 1]].prod(1).sum()) * 3
             line += (f"; kernel {k:.3f} ms ({moved / max(k, 1e-9) / 1e6:.0f} GB/s of visible bytes), call {e2e:.3f} ms "
                      f"(host ops), {e2e_dev:.3f} ms (device ops, as in the bench)")
         print(line, flush=True)
@@ -325,20 +324,44 @@ if __name__ == "__main__":
         except Exception:  # noqa: BLE001
             print(f"probe {name} FAILED:\n{traceback.format_exc()}", flush=True)
 PROBE_EOF
+
+# ---------- 2 GPU tests: every test marked cuda
+HAS_DALI=$("$PY" -c 'import nvidia.dali' >/dev/null 2>&1 && echo 1 || echo 0)
+NOT_DALI=(); [ "$HAS_DALI" = 1 ] || NOT_DALI=(-k "not dali")  # the DALI cases need the package, not only the GPU
+TAIL=12 run test_cuda_kernels 90 "$PY" -m pytest -q -p no:cacheprovider -rfEs -m cuda "${NOT_DALI[@]}" \
+    --ignore=tests/test_cuda_e2e.py tests
+TAIL=25 run test_cuda_e2e 200 "$PY" -m pytest -q -p no:cacheprovider -rfEs -m cuda "${NOT_DALI[@]}" tests/test_cuda_e2e.py
+
+# ---------- 3 benches (CUDA, small repeat counts)
+TAIL=8 run bench_crop_paste 90 "$PY" bench/crop_paste.py --device "$DEV" --batch 16 --repeat 5
+TAIL=6 run bench_ema 60 "$PY" bench/ema.py --device "$DEV" --repeat 5
+TAIL=8 run probe_triton_b32 120 "$PY" "$WORK/probe.py" triton  # the Triton kernel at paper scale
+# options go before the positionals: argparse rejects CONFIG --steps N KEY=VALUE (overrides after an option)
+TAIL=16 run bench_train_step_demo 120 "$PY" bench/train_step.py --steps 3 --warmup 1 configs/demo.yaml \
+    'model.backbone_weights=""' run.device="$DEV"
+TC=""
+for d in tests/data/coco ../shared/data/tiny_coco; do [ -f "$d/annotations/instances_train2017.json" ] && TC="$d" && break; done
+if [ -n "$TC" ]; then
+  PIPE_ARGS=(--images "$TC/train2017" --json "$TC/annotations/instances_train2017.json")
+else  # no COCO photos: the demo data bench_train_step_demo generated (160 px squares, resized to 640..800 by the views)
+  PIPE_ARGS=(--images datasets/demo/unlabeled --json datasets/demo/unlabeled.json)
+fi
+[ "$HAS_DALI" = 1 ] && TAIL=6 run bench_pipeline 100 "$PY" bench/pipeline.py --device "$DEV" --workers 8 --batch 16 --batches 4 "${PIPE_ARGS[@]}"
+
+# ---------- 4 probes (written above)
 TAIL=20 run probe_bf16_bank 90 "$PY" "$WORK/probe.py" bf16 bank
-TAIL=30 run syncs 150 "$PY" bench/syncs.py configs/demo.yaml 'model.backbone_weights=""' run.device=cuda \
+TAIL=30 run syncs 150 "$PY" bench/syncs.py configs/demo.yaml 'model.backbone_weights=""' run.device="$DEV" \
     acrst.fbr=true acrst.selective_supervision=true mean_teacher.tau_cls=0.0 model.box_detections_per_img=20
 
 # ---------- 5 paper scale, Triton at batch 32
 TAIL=16 run bench_train_step_paper_scale 150 "$PY" bench/train_step.py --steps 3 --warmup 1 configs/demo.yaml \
-    run.device=cuda model.backbone=resnet50 'model.backbone_weights=""' model.fpn_channels=256 \
+    run.device="$DEV" model.backbone=resnet50 'model.backbone_weights=""' model.fpn_channels=256 \
     model.representation_size=1024 'model.anchor_sizes=[32,64,128,256,512]' model.rpn_pre_nms_top_n_train=2000 \
     model.rpn_post_nms_top_n_train=2000 model.rpn_batch_size_per_image=256 model.box_batch_size_per_image=512 \
     model.roi_sampling_ratio=2 'augment.scales=[800]' augment.max_size=1333 solver.batch_labeled=4 \
     solver.batch_unlabeled=4 data.num_workers=4
-TAIL=8 run probe_triton_b32 120 "$PY" "$WORK/probe.py" triton
 # ---------- 6 the suite as a GPU box runs it (fast tests; the multi-process ones ran above or in CI)
-TAIL=14 run test_suite_gpu_box 150 "$PY" -m pytest -q -p no:cacheprovider -rfE -m "not slow" tests
+[ "${FULL_SUITE:-1}" = 1 ] && TAIL=14 run test_suite_gpu_box 150 "$PY" -m pytest -q -p no:cacheprovider -rfE -m "not slow" tests
 
 # ---------- summary
 echo; echo "=================== summary ($(( $(date +%s) - T0 ))s; logs in $LOG)"

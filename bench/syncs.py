@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from _timing import timing_classifier
 from acrst_fast import dist
 from acrst_fast.config import load_config
 from acrst_fast.data.build import load_datasets, prepare_data, resolved_data
@@ -38,6 +39,7 @@ def build(config: str, batch: int, overrides: list[str]):
     info = dist.init_distributed(cfg.run.device)
     prepare_data(cfg)
     datasets = load_datasets(resolved_data(cfg.data))
+    cfg = timing_classifier(cfg, datasets.categories.names)
     runner, _ = build_runner(cfg, datasets, info, config)
     runner.start(0)
     first = max(2, runner.labeled_bank_steps + 1)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from _timing import describe, sync
+from _timing import describe, sync, timing_classifier
 from acrst_fast import dist
 from acrst_fast.config import load_config
 from acrst_fast.data.build import load_datasets, prepare_data, resolved_data
@@ -58,6 +58,7 @@ def main() -> None:
     info = dist.init_distributed(cfg.run.device)
     prepare_data(cfg)
     datasets = load_datasets(resolved_data(cfg.data))
+    cfg = timing_classifier(cfg, datasets.categories.names)
     runner, _ = build_runner(cfg, datasets, info, args.config)
     runner.sync_timing = True
     runner.acrst.sync_timing = True

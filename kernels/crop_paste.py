@@ -269,8 +269,9 @@ def paste_pixels_triton(images: torch.Tensor, image_hw: torch.Tensor, ops: torch
     prog = np.stack([np.repeat(np.arange(len(ops_np)), tiles),
                      np.arange(int(tiles.sum())) - np.repeat(np.cumsum(tiles) - tiles, tiles)], axis=1)
     # one upload: the op table, the image ends, the sizes, the program table and the stored crop sizes
-    table = torch.from_numpy(np.concatenate([ops_np.ravel(), ends, hw_np.ravel(), prog.ravel(),
-                                             src.ravel()])).to(images.device)
+    table = torch.from_numpy(np.concatenate([ops_np.ravel(), ends, hw_np.ravel(), prog.ravel(), src.ravel()]))
+    if images.device.type == "cuda":  # page-locked and non-blocking: a pageable copy waits for the stream
+        table = table.pin_memory().to(images.device, non_blocking=True)
     n_ops, n_img = len(ops_np), len(hw_np)
     at = np.cumsum([0, 7 * n_ops, n_ops, 2 * n_img, prog.size])
     s_n, s_c, s_h, s_w = images.stride()

@@ -136,3 +136,12 @@ def test_paper_configs_resolve_to_the_papers_method(name):
     baseline = load_config(REPO / "configs" / f"{name}_mean_teacher.yaml")
     assert (baseline.acrst.fbr, baseline.acrst.selective_supervision, baseline.ssmll.filter) == (False, False, "single")
     assert baseline.solver == cfg.solver and baseline.data == cfg.data and baseline.model == cfg.model
+
+
+def test_yaml_off_is_the_off_mode(tmp_path):
+    """YAML 1.1 reads a bare `off` as False: `solver.amp=off` and `amp: off` still mean the mode 'off'."""
+    p = _write(tmp_path, BASE + "solver: {amp: off}\n")
+    assert load_config(p).solver.amp == "off"
+    assert load_config(_write(tmp_path, BASE, "d.yaml"), ["solver.amp=off"]).solver.amp == "off"
+    with pytest.raises(ConfigError, match="solver.amp"):  # 'on' is no AMP mode: the check names the key
+        load_config(p, ["solver.amp=yes"])

@@ -157,6 +157,8 @@ def test_classifier_file_round_trip(tmp_path):
     torch.save({"weights": 1}, tmp_path / "other.pt")
     with pytest.raises(WeightsError, match="other.pt: not an SSMLL classifier"):
         load_classifier(tmp_path / "other.pt", names)
+    with pytest.raises(WeightsError, match="no ssmll.checkpoint is named"):
+        load_classifier("", names)
 
 
 @pytest.mark.slow

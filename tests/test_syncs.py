@@ -1,13 +1,16 @@
 """The sync budget: one mutual step (ACRST, selective supervision, pseudo-label metrics) reads the device a
 fixed number of times in project code, whatever the batch size or the number of pseudo-labels."""
+import os
+import random
 import sys
 
 import pytest
 import torch
 
-from acrst_fast.augment.host import mark_host, to_host
+from acrst_fast.augment.affr import class_histogram
+from acrst_fast.augment.host import mark_host, to_host, upload
 from acrst_fast.syncs import SyncCounter
-from conftest import REPO, tiny_config_dict, write_config
+from conftest import REPO, cpu_and_cuda, tiny_config_dict, write_config
 
 sys.path.insert(0, str(REPO / "bench"))
 BUDGET = 8
@@ -53,3 +56,18 @@ def test_mutual_step_sync_budget_does_not_grow(tmp_path, tiny_demo):
         assert counts[batch] <= BUDGET, f"batch {batch}: {dict(project)}"
         assert runner.last_pseudo_count > 10 * batch  # many pseudo-labels, yet the count does not grow
     assert counts[2] == counts[8], counts
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_upload_and_histogram_stay_off_the_host(device):
+    """`upload` (pinned, non-blocking) gives the same tensor as `.to`; the histogram that replaced bincount
+    (which reads max() back on CUDA) counts like it, for seeded random labels."""
+    seeds = [0, 1, 2] + ([random.SystemRandom().randrange(2**31)] if os.environ.get("ACRST_FRESH_SEEDS") else [])
+    for seed in seeds:
+        g = torch.Generator().manual_seed(seed)
+        labels = torch.randint(1, 8, (int(torch.randint(0, 40, (), generator=g)),), generator=g)  # 6, 7: past K
+        moved = upload(labels, device)
+        assert moved.device.type == device and torch.equal(moved.cpu(), labels)
+        expect = torch.bincount(labels - 1, minlength=5)[:5].double()
+        assert torch.equal(class_histogram(moved, 5).cpu(), expect), f"seed {seed}"
+        assert class_histogram(moved, 0).shape == (0,)

@@ -15,8 +15,14 @@ from acrst_fast import dist
 
 
 def class_histogram(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Boxes per class, Tensor[K] float64 on the labels' device, from labels Tensor[N] int64 in 1..K."""
-    return torch.bincount(labels.to(torch.int64) - 1, minlength=num_classes)[:num_classes].double()
+    """Boxes per class, Tensor[K] float64 on the labels' device, from labels Tensor[N] int64 (1..K count;
+    labels past K, such as those of a runner built without class names (K = 0), are not counted). No host read."""
+    out = torch.zeros(num_classes, dtype=torch.float64, device=labels.device)
+    if num_classes == 0:
+        return out
+    index = labels.long() - 1  # bincount would read max() back to size its output: a host wait on CUDA
+    inside = ((index >= 0) & (index < num_classes)).double()  # labels past K are not counted
+    return out.index_add_(0, index.clamp(0, num_classes - 1), inside)
 
 
 def sampling_probs(pseudo_recall: torch.Tensor, beta: float) -> torch.Tensor:

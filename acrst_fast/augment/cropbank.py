@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torchvision.ops import roi_align
 
-from acrst_fast.augment.host import to_host
+from acrst_fast.augment.host import to_host, upload
 from acrst_fast.augment.pixels import stack_padded
 
 LABELED, PSEUDO = 0, 1
@@ -104,17 +104,17 @@ class CropBank:
         regions = np.concatenate([hb[offers, :2], hb[offers, :2] + reach], axis=1)
         rois = torch.from_numpy(np.concatenate([image_of[offers, None], regions], axis=1).astype(np.float32))
         batch, _ = stack_padded([im.to(dev, torch.float32) for im in images])
-        crops = roi_align(batch, rois.to(dev), output_size=self.crop_size, spatial_scale=1.0, sampling_ratio=0,
+        crops = roi_align(batch, upload(rois, dev), output_size=self.crop_size, spatial_scale=1.0, sampling_ratio=0,
                           aligned=True)
-        idx = torch.from_numpy(slots).to(dev)
+        idx = upload(torch.from_numpy(slots), dev)
         self.pixels[idx] = (crops.clamp(0, 1) * 255).round().to(torch.uint8)
-        self.size_hw[idx] = torch.from_numpy(box_hw).to(dev)
+        self.size_hw[idx] = upload(torch.from_numpy(box_hw), dev)
         if scores is not None:
             self.score[idx] = torch.cat([sc.reshape(-1) for sc in scores]).to(dev, torch.float32)[
-                torch.from_numpy(offers).to(dev)]
+                upload(torch.from_numpy(offers), dev)]
         else:
-            self.score[idx] = 1.0
-        self.valid[idx] = True
+            self.score.index_fill_(0, idx, 1.0)  # a scalar fill: no value tensor to copy to the device
+        self.valid.index_fill_(0, idx, True)
         self._valid_host[slots] = True
         self._size_host[slots] = box_hw
         return taken

@@ -23,6 +23,16 @@ def is_host(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and getattr(t, "_acrst_host", False)
 
 
+def upload(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """`t` on `device` without a host wait: a host tensor bound for a GPU goes through page-locked memory
+    (PyTorch's caching host allocator) with a non-blocking copy. A plain `.to("cuda")` of pageable memory
+    waits for the stream to drain first, which the GPU's sync debug mode reports (bench/syncs.py)."""
+    device = torch.device(device)
+    if t.device.type != "cpu" or device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def to_host(*tensors: torch.Tensor) -> list[np.ndarray]:
     """float64 NumPy copies of `tensors` (any devices), read with one device-to-host copy for all
     the tensors that are not host data by design (`mark_host`), and none for those."""

@@ -19,7 +19,7 @@ from acrst_fast import dist
 from acrst_fast.timing import clock
 from acrst_fast.augment.affr import PseudoRecall, class_histogram, sampling_probs
 from acrst_fast.augment.cropbank import LABELED, PSEUDO, SOURCES, CropBank
-from acrst_fast.augment.host import mark_host, to_host
+from acrst_fast.augment.host import mark_host, to_host, upload
 from acrst_fast.augment.paste import PasteConfig, PastePlan, draw_uniforms
 from acrst_fast.augment.pixels import paste_pixels
 from acrst_fast.augment.planner import plan_paste
@@ -147,7 +147,8 @@ class ACRST:
         per_image = [len(b) for p in plans for b in p.boxes]
         up = torch.cat([torch.cat(p.boxes).reshape(-1).float() for p in plans] +
                        [torch.cat(p.labels).reshape(-1).float() for p in plans] +  # class ids: exact in float32
-                       [torch.cat(p.pasted).reshape(-1).float() for p in plans]).to(dev)
+                       [torch.cat(p.pasted).reshape(-1).float() for p in plans])
+        up = upload(up, dev)
         n_box = sum(per_image)
         boxes = up[:4 * n_box].reshape(-1, 4).split(per_image)
         labels = up[4 * n_box:5 * n_box].long().split(per_image)

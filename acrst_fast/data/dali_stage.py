@@ -278,7 +278,8 @@ def run_ahead(batches: Iterator[Batch], depth: int = PREFETCH_DEPTH) -> Iterator
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer
             out.put(exc)
 
-    threading.Thread(target=produce, name="dali-ahead", daemon=True).start()
+    producer = threading.Thread(target=produce, name="dali-ahead", daemon=True)
+    producer.start()
     try:
         while True:
             item = out.get()
@@ -289,3 +290,6 @@ def run_ahead(batches: Iterator[Batch], depth: int = PREFETCH_DEPTH) -> Iterator
             yield item
     finally:
         stop.set()
+        # let the producer finish the DALI run it is in: a process that exits while DALI's own threads
+        # still run aborts ("terminate called without an active exception")
+        producer.join(timeout=60)

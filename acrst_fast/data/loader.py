@@ -23,7 +23,7 @@ from typing import Iterator, Protocol
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from acrst_fast.augment.host import mark_host
+from acrst_fast.augment.host import mark_host, upload
 from acrst_fast.config import AugmentConfig
 from acrst_fast.data.coco import DataError, ImageRecord, decode_image
 from acrst_fast.streams import Stream, sample_seed  # noqa: F401 - sample_seed: also the loader's API
@@ -89,7 +89,7 @@ class Batch:
         return len(self.image_ids)
 
     def targets(self, device: torch.device | str = "cpu") -> list[dict[str, torch.Tensor]]:
-        return [{"boxes": b.to(device), "labels": l.to(device)} for b, l in zip(self.boxes, self.labels)]
+        return [{"boxes": upload(b, device), "labels": upload(lab, device)} for b, lab in zip(self.boxes, self.labels)]
 
     def pin_memory(self) -> "Batch":
         """The views in page-locked memory (DataLoader(pin_memory=True)), so copies to the GPU are async."""

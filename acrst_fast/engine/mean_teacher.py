@@ -330,7 +330,7 @@ class MeanTeacher(StudentTeacherRunner):
         return Deferred(tensors, finish)
 
     def _classifier_negatives(self, probs: torch.Tensor, unl: Batch) -> Deferred:
-        labels = image_labels(unl.labels, probs.shape[1])
+        labels = image_labels([mark_host(t) for t in unl.labels], probs.shape[1])  # hidden truth: loader targets
 
         def finish(host):
             neg = negative_metrics(torch.from_numpy(host[0]).float(), labels, self.cfg.ssmll.tau_ml)

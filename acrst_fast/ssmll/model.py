@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import mobilenet_v2, resnet18, resnet50
 
+from acrst_fast.augment.host import upload
 from acrst_fast.config import SSMLLConfig
 from acrst_fast.models.detector import WeightsError, backbone_file, load_matching, load_state_dict_file
 
@@ -96,8 +97,8 @@ def preprocess(images: list[torch.Tensor] | torch.Tensor, size: int) -> torch.Te
         batch = torch.stack([im.float() if tuple(im.shape[-2:]) == (size, size) else
                              F.interpolate(im[None].float(), size=(size, size), mode="bilinear",
                                            align_corners=False, antialias=True)[0] for im in images])
-    mean = torch.tensor(MEAN, device=batch.device)[:, None, None]
-    std = torch.tensor(STD, device=batch.device)[:, None, None]
+    mean = upload(torch.tensor(MEAN), batch.device)[:, None, None]
+    std = upload(torch.tensor(STD), batch.device)[:, None, None]
     return (batch - mean) / std
 
 
@@ -120,6 +121,9 @@ def load_classifier(path: str | Path, class_names: tuple[str, ...],
     Raises WeightsError naming the file when it is not an SSMLL classifier or was trained on
     other classes than `class_names`.
     """
+    if not str(path):
+        raise WeightsError("ssmll.filter is two_stage but no ssmll.checkpoint is named: train one with "
+                           "python -m acrst_fast.train_ssmll, or let python -m acrst_fast.train run that stage first")
     try:
         blob = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # noqa: BLE001 - a foreign or truncated file raises many kinds
