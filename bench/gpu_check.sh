@@ -11,8 +11,8 @@
 #   DEV=cpu SKIP_INSTALL=1 bash gpu_check.sh   (a dry run of every command on a machine without a GPU)
 # Without DALI installed, the DALI cases are deselected and the pipeline bench is skipped.
 #
-# About 8 min when torch 2.14.1 (cu130) is already installed; a cold torch download eats into the
-# budget and the last steps are then skipped (they are ordered by value). Steps, each time-boxed, a
+# Steps 1-5 took 132 s on one H200 with OFFLINE=1 and no DALI (2026-11-30, bench/RESULTS.md); a cold
+# torch download eats into the budget and the last steps are then skipped (they are ordered by value). Steps, each time-boxed, a
 # failing one does not stop the others:
 #   1 install the project (builds acrst_fast._C) with the dali extra; print versions
 #   2 every CUDA test (pytest -m cuda): Triton kernel vs reference, DALI mixed-decode views vs the fallback,
