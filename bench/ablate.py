@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -105,16 +106,33 @@ def train_row(args, out: Path, row: str, seed: int) -> dict:
 
 
 def _stat(values: list[float]) -> tuple[float, float]:
+    if any(math.isnan(v) for v in values):  # statistics.stdev fails on NaN
+        return math.nan, math.nan
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def burn_in_ap(results: dict[str, list[dict]]) -> dict[int, float]:
+    """Per seed: AP at the end of the burn-in that every row of that seed shares (bit for bit: the runs'
+    logged losses agree up to it), read from any row with mutual learning."""
+    out: dict[int, float] = {}
+    for runs in results.values():
+        for seed, r in enumerate(runs):
+            if r["teacher"]:
+                out.setdefault(seed, r["supervised"]["AP"])
+    return out
+
+
 def summarize(results: dict[str, list[dict]], rare: list[str]) -> dict[str, dict[str, tuple[float, float]]]:
-    """Per row: mean and std over seeds of AP, AP50, gain (end AP - end-of-burn-in AP), rare-class APs."""
-    out = {}
+    """Per row: mean and std over seeds of AP, AP50, gain (end AP - end-of-burn-in AP), rare-class APs.
+
+    The `sup` row has no mutual learning: its gain is over the same steps, its end AP minus the shared
+    burn-in's AP of the same seed (NaN when no row with mutual learning ran that seed)."""
+    out, burn_in = {}, burn_in_ap(results)
     for row, runs in results.items():
         ends = [r["teacher"] or r["supervised"] for r in runs]
+        starts = [r["supervised"]["AP"] if r["teacher"] else burn_in.get(seed, math.nan) for seed, r in enumerate(runs)]
         stats = {"AP": _stat([e["AP"] for e in ends]), "AP50": _stat([e["AP50"] for e in ends]),
-                 "gain": _stat([e["AP"] - r["supervised"]["AP"] for e, r in zip(ends, runs)])}
+                 "gain": _stat([e["AP"] - a for e, a in zip(ends, starts)])}
         stats |= {n: _stat([e["AP_per_class"][n] for e in ends]) for n in rare}
         out[row] = stats
     return out
@@ -125,7 +143,8 @@ def table(summary: dict, rare: list[str], counts: dict[str, int], quality: dict[
     head = (f"{'row':<30}{'AP':>15}{'AP50':>15}{'gain in mutual':>17}"
             + "".join(f"{f'{n} ({counts[n]})':>17}" for n in rare))
     lines = [f"teacher on the validation split, mean ± std over {seeds} seeds; gain = AP at the end - AP at the "
-             "end of burn-in", head, "-" * len(head)]
+             "end of burn-in (supervised only: over the same steps, from the burn-in the rows share)",
+             head, "-" * len(head)]
     for row, s in summary.items():
         lines.append(f"{ROWS[row][0]:<30}{pm(s['AP']):>15}{pm(s['AP50']):>15}{pm(s['gain']):>17}"
                      + "".join(f"{pm(s[n]):>17}" for n in rare) + "   " + quality.get(row, ""))

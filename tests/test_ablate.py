@@ -27,3 +27,14 @@ def test_summary_over_seeds_and_orderings():
     assert any("+ FBR + AFFR + Two-stage + SS" in ln and "gain +7.00 (spread 2.00): higher" in ln for ln in lines)
     affr = [ln for ln in lines if ln.startswith("  + FBR + AFFR ") and "Two-stage" not in ln]
     assert len(affr) == 2 and all("within the spread" in ln for ln in affr)  # +0.67 AP against a 4.21 spread
+
+
+def test_supervised_row_gain_is_over_the_same_steps():
+    """`sup` has no mutual learning: its gain starts from the burn-in AP that the other rows of the seed share."""
+    sup = lambda ap: {"supervised": {"AP": ap, "AP50": ap, "AP_per_class": {"r": 1.0}}, "teacher": None}  # noqa: E731
+    results = {"sup": [sup(71), sup(72), sup(73)],
+               "mt": [_run(60, 68, 30), _run(62, 69, 32), _run(61, 70, 31)]}
+    s = ablate.summarize(results, ["r"])
+    assert s["sup"]["gain"] == pytest.approx((11.0, 1.0))  # 71-60, 72-62, 73-61
+    alone = ablate.summarize({"sup": results["sup"]}, ["r"])
+    assert all(v != v for v in alone["sup"]["gain"])  # no shared burn-in to start from: NaN, not 0
