@@ -145,9 +145,8 @@ def probe_triton():
             rows.append([n, int(torch.randint(len(bank), (), generator=g)), x0, y0, h, w, int(j % 2)])
     ops = torch.tensor(rows, dtype=torch.int64)
     tiles = ((ops[:, 4] + BLOCK_H - 1) // BLOCK_H) * ((ops[:, 5] + BLOCK_W - 1) // BLOCK_W)
-    print(f"batch {B}x3x{H}x{W}, {len(ops)} ops; grid {len(ops)} x {int(tiles.max())} = "
-          f"{len(ops) * int(tiles.max())} programs, {int(tiles.sum())} with work "
-          f"({float(tiles.sum()) / (len(ops) * int(tiles.max())):.1%})")
+    print(f"batch {B}x3x{H}x{W}, {len(ops)} ops; grid: {int(tiles.sum())} programs, one per {BLOCK_H}x{BLOCK_W} "
+          f"tile with work (an ops x largest-op grid would have {len(ops) * int(tiles.max())})")
     cover = torch.zeros(B, H, W, dtype=torch.bool, device=DEV)
     for n, _, x0, y0, h, w, _ in ops.tolist():
         cover[n, max(y0, 0):max(0, y0 + h), max(x0, 0):max(0, x0 + w)] = True
