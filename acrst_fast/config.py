@@ -284,13 +284,20 @@ def dump_config(cfg: Config, path: str | Path) -> None:
 
 
 class _Loader(yaml.SafeLoader):
-    """YAML 1.1 as PyYAML reads it, except that `1e-3` and `1E+6` are numbers (YAML 1.2), as people write them."""
+    """YAML 1.1 as PyYAML reads it, except two YAML 1.2 rules, as people write them: `1e-3` and `1E+6` are
+    numbers, and only true/false are booleans (`amp: off` is the mode 'off'; a boolean key still takes
+    yes/no/on/off, see `_coerce`)."""
 
 
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"""^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"""),
     list("-+0123456789."))
+_BOOL_TAG = "tag:yaml.org,2002:bool"
+_Loader.yaml_implicit_resolvers = {first: [(tag, rx) for tag, rx in resolvers if tag != _BOOL_TAG]
+                                   for first, resolvers in _Loader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(_BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_YAML11_BOOLS = {"yes": True, "on": True, "no": False, "off": False}  # what a boolean key also accepts
 
 
 def parse_yaml(text: str, where: str) -> Any:
@@ -387,6 +394,8 @@ def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
             raise ConfigError(f"{source}: key '{key}' must be a list, got {type(value).__name__} {value!r}")
         return [_coerce(args[0], v, f"{key}[{i}]", source) for i, v in enumerate(value)]
     if tp is bool:
+        if isinstance(value, str) and value.lower() in _YAML11_BOOLS:
+            return _YAML11_BOOLS[value.lower()]
         if not isinstance(value, bool):
             raise ConfigError(f"{source}: key '{key}' must be true or false, got {value!r}")
         return value
@@ -399,8 +408,6 @@ def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
             raise ConfigError(f"{source}: key '{key}' must be a number, got {value!r}")
         return float(value)
     if tp is str:
-        if isinstance(value, bool):  # YAML 1.1 reads off/no/false as False and on/yes/true as True
-            return "off" if not value else "on"  # the mode checks then name the accepted spellings
         if not isinstance(value, str):
             raise ConfigError(f"{source}: key '{key}' must be a string, got {value!r}")
         return value

@@ -143,5 +143,7 @@ def test_yaml_off_is_the_off_mode(tmp_path):
     p = _write(tmp_path, BASE + "solver: {amp: off}\n")
     assert load_config(p).solver.amp == "off"
     assert load_config(_write(tmp_path, BASE, "d.yaml"), ["solver.amp=off"]).solver.amp == "off"
-    with pytest.raises(ConfigError, match="solver.amp"):  # 'on' is no AMP mode: the check names the key
+    with pytest.raises(ConfigError, match="solver.amp"):  # 'yes' is no AMP mode: the check names the key
         load_config(p, ["solver.amp=yes"])
+    assert load_config(p, ["run.progress_bar=off"]).run.progress_bar is False  # a boolean key takes off/on
+    assert load_config(p, ["run.progress_bar=Yes"]).run.progress_bar is True
