@@ -223,6 +223,9 @@ class EvalConfig:
     teacher: bool = True
     student: bool = True
     report: bool = True  # refresh RUN_DIR/report/ (figures + report.md) after each evaluation
+    # after mutual learning, train supervised training alone for the same steps from this run's burn-in
+    # checkpoint (a branch into RUN_DIR/supervised) and print it beside the result: the equal-steps baseline
+    supervised_branch: bool = False
 
 
 @dataclass(frozen=True)
@@ -234,6 +237,10 @@ class RunConfig:
     keep_checkpoints: int = 3
     log_period: int = 20
     progress_bar: bool = True
+    # start from this checkpoint of another run (`--branch-from`): its student, teacher, optimizer, step,
+    # evaluation history and CropBank (when it has one); randomness after it follows this run's seed
+    branch_from: str = ""
+    keep_burn_in: bool = True  # write the checkpoint at the end of burn-in and never prune it (the branch point)
 
 
 @dataclass(frozen=True)
@@ -621,6 +628,7 @@ def check_paths(cfg: Config, source: str) -> None:
         ("model.backbone_weights", _local(m.backbone_weights), "file"), ("model.weights", m.weights, "file"),
         ("ssmll.backbone_weights", _local(cfg.ssmll.backbone_weights), "file"),
         ("ssmll.checkpoint", cfg.ssmll.checkpoint if cfg.ssmll.filter != "single" else "", "file"),
+        ("run.branch_from", cfg.run.branch_from, "file"),
     ]
     for key, value, kind in checks:
         if not value:

@@ -56,6 +56,9 @@ def read_logs(run_dir: Path) -> RunLogs:
             if not isinstance(rec, dict) or not isinstance(rec.get("step"), int) or isinstance(rec["step"], bool):
                 foreign.append(n)  # valid JSON, but not a record of this engine
                 continue
+            if rec.get("kind") == "branch":  # where a branched run started (train --branch-from)
+                logs.notes.append(f"branched at step {rec['step']} from {rec.get('from', '?')}")
+                continue
             (logs.evals if rec.get("kind") == "eval" else logs.train).append(rec)
         if bad:
             logs.notes.append(f"metrics.jsonl: {bad} unreadable line(s) skipped (a run killed mid-write)")

@@ -30,6 +30,9 @@ class Stream(IntEnum):
     ACRST_PASTE_LABELED = 102
     ACRST_PASTE_UNLABELED = 103
     ACRST_SHARE_BANK = 104
+    # a branch (`run.branch_from`): the global RNGs (the RPN/RoI samplers' draws) after the branch
+    # point, per (branch step, rank), from the branch's own seed
+    BRANCH_GLOBAL = 200
 
 
 def sample_seed(seed: int, stream: int, position: int) -> int:

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import torch
+import yaml
 
 from acrst_fast import dist
 from acrst_fast.config import (
@@ -30,7 +31,8 @@ from acrst_fast.engine import checkpoint as ckpt
 from acrst_fast.engine.build import build_runner, class_counts, fetch_pretrained
 from acrst_fast.engine.divergence import DivergenceGuard
 from acrst_fast.engine.hooks import (
-    CheckpointHook, DiagnosticsHook, EMAHook, EvalHook, LoggingHook, LRScheduleHook, MetricsWriter, lr_at, restore,
+    CheckpointHook, DiagnosticsHook, EMAHook, EvalHook, LoggingHook, LRScheduleHook, MetricsWriter, branch, lr_at,
+    restore,
 )
 from acrst_fast.engine.launch import exit_code, on_main, train_together
 from acrst_fast.engine.ssmll_stage import with_classifier
@@ -48,6 +50,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--resume-from", metavar="CKPT", default=None,
                     help="continue from this checkpoint (e.g. the last good one named after a divergence); "
                          "later checkpoints of the run folder are moved to RUN_DIR/diverged/")
+    ap.add_argument("--branch-from", metavar="CKPT", default=None,
+                    help="start a new run (a new run.output_dir) from this checkpoint of another run, with this "
+                         "config (= run.branch_from=CKPT): its student, teacher, optimizer, step, evaluation "
+                         "history and CropBank; randomness after it follows run.seed. Continue a killed branch "
+                         "with --resume")
     return ap.parse_intermixed_args(argv)  # CONFIG --resume KEY=VALUE works too
 
 
@@ -74,14 +81,38 @@ def _prepare_run_dir(cfg: Config, source: str, resume: bool, resume_from: str | 
     prepare_data(cfg)
 
 
-def _checkpoint_to_resume(run_dir: Path, resume: bool, resume_from: str | None, echo) -> tuple[Path | None, dict | None]:
+def _checkpoint_to_resume(cfg: Config, resume: bool, resume_from: str | None,
+                          echo) -> tuple[Path | None, dict | None, bool]:
+    """(path, state, is_branch): the checkpoint this run continues (--resume-from; --resume: the run
+    folder's newest), else the one it branches from (run.branch_from), else none."""
     if resume_from:
-        return Path(resume_from), ckpt.load(resume_from)
+        return Path(resume_from), ckpt.load(resume_from), False
     if resume:
-        found = ckpt.load_newest_readable(run_dir, warn=echo)
+        found = ckpt.load_newest_readable(cfg.run.output_dir, warn=echo)
         if found is not None:
-            return found
-    return None, None
+            return *found, False
+    if cfg.run.branch_from:
+        return Path(cfg.run.branch_from), ckpt.load(cfg.run.branch_from), True
+    return None, None, False
+
+
+def _branch_of_killed_run(cfg: Config, resume: bool) -> Config:
+    """`--resume` of a branch killed before its first checkpoint, without --branch-from: the branch point
+    recorded in the folder's config.yaml (the run starts from it again)."""
+    run_dir = Path(cfg.run.output_dir)
+    if not resume or cfg.run.branch_from or ckpt.list_checkpoints(run_dir) or not (run_dir / "config.yaml").is_file():
+        return cfg
+    recorded = (yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}).get("run", {})
+    source = recorded.get("branch_from") or ""
+    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, branch_from=source)) if source else cfg
+
+
+def _check_branch(cfg: Config, source: str, resume_from: str | None) -> None:
+    if cfg.run.branch_from and resume_from:
+        raise ConfigError(f"{source}: --resume-from continues this run, --branch-from (run.branch_from) starts a new "
+                          "one from another run's checkpoint: give one of them")
+    if cfg.run.branch_from and not Path(cfg.run.branch_from).is_file():
+        raise ConfigError(f"{source}: key 'run.branch_from': file not found: {cfg.run.branch_from}")
 
 
 def _load_data(cfg: Config, source: str):
@@ -128,13 +159,15 @@ def _hooks(cfg: Config, runner, stage, data_cfg, datasets, info: dist.DistInfo, 
         hooks.append(DiagnosticsHook(runner.diagnostics, cfg.run.log_period, total))
     return hooks + [LoggingHook(writer, cfg.run.log_period, total, cfg.run.progress_bar),
                     CheckpointHook(run_dir, cfg.run.checkpoint_period, cfg.run.keep_checkpoints, total, info.rank,
-                                   config_to_dict(cfg))]
+                                   config_to_dict(cfg), cfg.solver.pretrain_steps if cfg.run.keep_burn_in else None)]
 
 
 def run(cfg: Config, source: str, resume: bool, info: dist.DistInfo, resume_from: str | None = None) -> dict:
     """Train per `cfg`; returns the final summary (same on every rank)."""
     run_dir = Path(cfg.run.output_dir)
     echo = (lambda msg: print(msg, flush=True)) if info.is_main else (lambda msg: None)
+    cfg = _branch_of_killed_run(cfg, resume)
+    _check_branch(cfg, source, resume_from)
     on_main(lambda: (_prepare_run_dir(cfg, source, resume, resume_from), fetch_pretrained(cfg)))
     cfg = with_classifier(cfg, source, resume or bool(resume_from), info)  # the SSMLL stage, when it is needed
     data_cfg, datasets = _load_data(cfg, source)
@@ -149,14 +182,24 @@ def run(cfg: Config, source: str, resume: bool, info: dist.DistInfo, resume_from
              f"N in {cfg.acrst.n_range}, beta {cfg.acrst.beta}, selective supervision "
              f"{'on' if cfg.acrst.selective_supervision else 'off'}")
     guard = DivergenceGuard(run_dir, cfg.solver.divergence_check_steps, cfg.solver.divergence_factor, info.is_main)
-    path, state = _checkpoint_to_resume(run_dir, resume, resume_from, echo)
-    writer = MetricsWriter(run_dir, enabled=info.is_main, start_step=int(state["step"]) if state else 0)
+    path, state, is_branch = _checkpoint_to_resume(cfg, resume, resume_from, echo)
+    if is_branch and int(state["step"]) >= cfg.solver.total_steps:
+        raise ConfigError(f"{source}: key 'solver.total_steps' ({cfg.solver.total_steps}) must exceed the step of "
+                          f"run.branch_from ({path}: step {state['step']})")
+    writer = MetricsWriter(run_dir, enabled=info.is_main, start_step=int(state["step"]) if state and not is_branch else 0)
     trainer = Trainer(runner, _hooks(cfg, runner, stage, data_cfg, datasets, info, writer, guard, echo), 0,
                       cfg.solver.total_steps)
-    if state is not None:
+    if is_branch:
+        step, taken = branch(trainer, path, state, info, config_to_dict(cfg), cfg.run.seed)
+        writer.begin_branch(path, step, cfg.run.seed)
+        echo(f"[branch] from {path} (step {step}): student, teacher, optimizer, evaluation history"
+             f"{'; ' + taken if taken else ''}; randomness from run.seed {cfg.run.seed}")
+    elif state is not None:
         echo(f"[resume] {path} (step {restore(trainer, path, state, info.rank, config_to_dict(cfg))})")
     train_together(trainer, writer.close, lambda: guard.advice(cfg.solver.lr))
     summary = summarize(trainer.storage["eval_history"], datasets.categories.names)
+    if cfg.eval.supervised_branch and 0 < cfg.solver.pretrain_steps < cfg.solver.total_steps:
+        summary["supervised_same_steps"] = supervised_baseline(cfg, source, info)["supervised"]
     if info.is_main:
         atomic_write_text(run_dir / "final_metrics.json", json.dumps(summary, indent=2))
         if cfg.eval.report:
@@ -164,6 +207,25 @@ def run(cfg: Config, source: str, resume: bool, info: dist.DistInfo, resume_from
         echo(format_summary(summary, run_dir))
     dist.barrier()  # ranks leave together: no rank tears down the process group while rank 0 still writes
     return summary
+
+
+def supervised_baseline(cfg: Config, source: str, info: dist.DistInfo) -> dict:
+    """eval.supervised_branch: supervised training alone for the steps mutual learning took, branched from
+    this run's burn-in checkpoint into RUN_DIR/supervised (resumed there when it was stopped). Same seed,
+    so its labeled batches are the run's own. Returns its summary."""
+    run_dir, s = Path(cfg.run.output_dir), cfg.solver
+    start = ckpt.checkpoint_path(run_dir, s.pretrain_steps)
+    if not start.is_file():
+        raise ConfigError(f"{source}: key 'eval.supervised_branch' needs the burn-in checkpoint {start} "
+                          "(run.keep_burn_in: true)")
+    r = dataclasses.replace
+    sup = r(cfg, solver=r(s, pretrain_steps=s.total_steps), acrst=r(cfg.acrst, fbr=False, selective_supervision=False),
+            ssmll=r(cfg.ssmll, filter="single"), eval=r(cfg.eval, supervised_branch=False),
+            run=r(cfg.run, output_dir=str(run_dir / "supervised"), branch_from=str(start)))
+    if info.is_main:
+        print(f"\n[baseline] supervised training alone, steps {s.pretrain_steps + 1}-{s.total_steps}, from the "
+              f"burn-in checkpoint {start.name} -> {run_dir / 'supervised'}", flush=True)
+    return run(sup, source, True, info)
 
 
 def refresh_report(run_dir: Path) -> None:
@@ -192,14 +254,26 @@ def summarize(history: list[dict], class_names: tuple[str, ...]) -> dict:
     }
 
 
+SUMMARY_ROWS = (("supervised", "supervised (end of burn-in)"), ("supervised_same_steps", "supervised, same steps"),
+                ("teacher", "mean teacher: teacher"), ("student", "mean teacher: student"))
+
+
 def format_summary(summary: dict, run_dir: Path) -> str:
-    lines = ["", "=" * 64, f"{'model':<28}{'step':>8}{'AP':>9}{'AP50':>9}{'VOC AP50':>10}", "-" * 64]
-    for name, label in (("supervised", "supervised (pre-training)"), ("teacher", "mean teacher: teacher"),
-                        ("student", "mean teacher: student")):
-        m = summary[name]
+    """The final table. With a supervised branch (eval.supervised_branch), the semi-supervised result
+    stands beside supervised training for the same number of steps: the gain the run shows."""
+    lines = ["", "=" * 68, f"{'model':<32}{'step':>8}{'AP':>9}{'AP50':>9}{'VOC AP50':>10}", "-" * 68]
+    for name, label in SUMMARY_ROWS:
+        m = summary.get(name)
         if m:
-            lines.append(f"{label:<28}{m['step']:>8}{m['AP']:>9.2f}{m['AP50']:>9.2f}{m['voc_AP50']:>10.2f}")
-    lines += ["=" * 64, f"run folder: {run_dir}  (metrics.jsonl, tensorboard/, final_metrics.json)"]
+            lines.append(f"{label:<32}{m['step']:>8}{m['AP']:>9.2f}{m['AP50']:>9.2f}{m['voc_AP50']:>10.2f}")
+    sup, teacher = summary.get("supervised_same_steps"), summary.get("teacher")
+    if sup and teacher:
+        lines.append(f"teacher - supervised at step {teacher['step']}: {teacher['AP'] - sup['AP']:+.2f} AP "
+                     "(one seed; bench/ablate.py gives the paired difference over seeds)")
+    elif teacher:
+        lines.append("(the supervised row is at an earlier step: eval.supervised_branch=true adds supervised "
+                     "training for the same steps)")
+    lines += ["=" * 68, f"run folder: {run_dir}  (metrics.jsonl, tensorboard/, final_metrics.json)"]
     if (run_dir / "report" / "report.md").is_file():
         lines.append(f"report: {run_dir / 'report' / 'report.md'}  (refresh: python -m acrst_fast.report {run_dir})")
     return "\n".join(lines)
@@ -211,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def body():
         cfg = load_config(args.config, args.overrides)
+        if args.branch_from:
+            cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, branch_from=args.branch_from))
         info = dist.init_distributed(cfg.run.device)
         if info.device.type == "cpu" and info.world > 1:
             torch.set_num_threads(max(1, torch.get_num_threads() // info.world))

@@ -25,7 +25,7 @@ _NAME = re.compile(r"^ckpt_(\d{8})\.pt$")
 # everything the trainer and train_ssmll write into a run folder (and their temporary files)
 _RUN_FILES = (r"config\.yaml|metrics\.jsonl|dataset_stats\.json|final_metrics\.json|last_good\.json|"
               r"ssmll_teacher\.pt|ssmll_metrics\.json|ckpt_\d{8}(\.rank\d+)?\.pt")
-_RUN_ENTRY = re.compile(rf"^({_RUN_FILES}|tensorboard|report|ssmll|diverged|\.({_RUN_FILES})\.tmp\d+)$")
+_RUN_ENTRY = re.compile(rf"^({_RUN_FILES}|tensorboard|report|ssmll|supervised|diverged|\.({_RUN_FILES})\.tmp\d+)$")
 
 
 def claim_run_dir(run_dir: str | Path, what: str = "run.output_dir") -> Path:
@@ -82,7 +82,12 @@ def prune(run_dir: str | Path, keep: int, protect: tuple[int, ...] = ()) -> None
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """The global RNG states of this process, as tensors and plain Python values only (NumPy's key array
+    becomes a tensor), so a checkpoint loads with `torch.load(weights_only=True)`."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos),
+                                                       int(has_gauss), float(cached)),
+             "python": random.getstate()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -90,10 +95,18 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    name, keys, *rest = state["numpy"]  # keys: a tensor (this format) or a NumPy array (older checkpoints)
+    np.random.set_state((name, np.asarray(keys).astype(np.uint32), *rest))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_all(seed: int) -> None:
+    """Seed torch's, NumPy's and Python's global RNGs from one 63-bit seed (a branch's own randomness)."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
 
 
 class CheckpointError(UserError):

@@ -25,6 +25,7 @@ from acrst_fast.engine import checkpoint as ckpt
 from acrst_fast.engine.outputs import PHASE_MUTUAL, Deferred, StepOutput, resolve_deferred
 from acrst_fast.engine.trainer import HookBase, Trainer
 from acrst_fast.safe_io import atomic_write_text
+from acrst_fast.streams import Stream, sample_seed
 
 
 def lr_at(step: int, s: SolverConfig) -> float:
@@ -94,6 +95,18 @@ class MetricsWriter:
         from torch.utils.tensorboard import SummaryWriter
 
         self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step)
+
+    def begin_branch(self, source: Path, step: int, seed: int) -> None:
+        """A branch's log (`train --branch-from`) starts with its source run's records up to the branch
+        step (when the source's metrics.jsonl is beside the checkpoint), then one record of the branch
+        point: {"kind": "branch", "step", "from", "seed"}, so the folder reads as one run."""
+        if not self.enabled:
+            return
+        log = Path(source).parent / "metrics.jsonl"
+        lines = [ln for ln in log.read_text(encoding="utf-8", errors="replace").splitlines()
+                 if 0 < _step_of(ln) <= step] if log.is_file() else []
+        record = {"kind": "branch", "step": step, "from": str(source), "seed": seed}
+        atomic_write_text(self.path, "".join(ln + "\n" for ln in lines) + json.dumps(record) + "\n")
 
     def write(self, record: dict, scalars: dict[str, float]) -> None:
         if not self.enabled:
@@ -262,12 +275,16 @@ class CheckpointHook(HookBase):
     The checkpoint is the trainer's state dict (step, runner: student, teacher, optimizer; storage:
     the evaluation history; the hooks' states) with every rank's RNG states and the run's config;
     each rank's own state (its CropBank) goes to a file of its own. Checkpoints named in
-    `trainer.storage["protected_steps"]` (the divergence guard's last good one) are never pruned.
+    `trainer.storage["protected_steps"]` (the divergence guard's last good one) are never pruned, nor
+    is the one of step `burn_in` (the end of burn-in, written whatever the period: the branch point of
+    ablations and of the supervised baseline; None: no such checkpoint).
     """
 
-    def __init__(self, run_dir: Path, period: int, keep: int, total: int, rank: int, config: dict):
+    def __init__(self, run_dir: Path, period: int, keep: int, total: int, rank: int, config: dict,
+                 burn_in: int | None = None):
         self.run_dir, self.period, self.keep, self.total = run_dir, period, keep, total
         self.rank, self.is_main, self.config = rank, rank == 0, config
+        self.burn_in = burn_in if burn_in is not None and 0 < burn_in < total else None
 
     def save(self, trainer: Trainer) -> None:
         """Each rank writes its own state first; rank 0 writes the main file last, so a main file on
@@ -281,10 +298,11 @@ class CheckpointHook(HookBase):
         if not self.is_main:
             return
         ckpt.atomic_save(state | {"rng": rngs, "config": self.config}, ckpt.checkpoint_path(self.run_dir, step))
-        ckpt.prune(self.run_dir, self.keep, tuple(trainer.storage.get("protected_steps", ())))
+        keep = tuple(trainer.storage.get("protected_steps", ())) + ((self.burn_in,) if self.burn_in else ())
+        ckpt.prune(self.run_dir, self.keep, keep)
 
     def after_step(self, trainer: Trainer) -> None:
-        if trainer.step == self.total or (self.period > 0 and trainer.step % self.period == 0):
+        if trainer.step in (self.total, self.burn_in) or (self.period > 0 and trainer.step % self.period == 0):
             self.save(trainer)
 
     def on_interrupt(self, trainer: Trainer) -> None:
@@ -315,6 +333,37 @@ def restore(trainer: Trainer, path: Path, state: dict, rank: int, config: dict) 
                                        "without acrst.fbr, or with fewer processes?)")
         trainer.load_rank_state_dict(ckpt.load(part))
     return trainer.step
+
+
+def branch(trainer: Trainer, path: Path, state: dict, info, config: dict, seed: int) -> tuple[int, str]:
+    """Start this run from checkpoint `state` of another run (read from `path`): its student, teacher,
+    optimizer, loss scaler, step and evaluation history, and this rank's CropBank when the checkpoint has
+    one that fits (`runner.load_branch_rank_state`: else the banks start empty and the Labeled bank fills
+    from the branch step on). The
+    hooks' states (the source folder's divergence bookkeeping) are not carried. A checkpoint at or before
+    the end of its run's burn-in holds the untrained teacher made at construction: the teacher becomes
+    the student. The global RNGs (the RPN/RoI samplers) are seeded from this run's `seed`, the branch
+    step and the rank; data order, views and ACRST's draws follow `seed` too. Returns the step and what
+    was taken of the rank state."""
+    if "runner" not in state:
+        raise ckpt.CheckpointError(f"{path}: a checkpoint of an older acrst_fast (no 'runner' state); cannot branch")
+    step = int(state["step"])
+    try:
+        trainer.runner.load_state_dict(state["runner"])
+    except RuntimeError as exc:
+        raise ckpt.CheckpointError(f"{path}: {_model_mismatch(state.get('config', {}), config, exc)}") from None
+    trainer.step = step
+    trainer.storage["eval_history"] = [e for e in state.get("storage", {}).get("eval_history", [])
+                                       if e.get("step", 0) <= step]
+    source_pretrain = state.get("config", {}).get("solver", {}).get("pretrain_steps", step)
+    if step <= int(source_pretrain):
+        trainer.runner.ema.reset(trainer.runner.student)
+    ckpt.seed_all(sample_seed(seed, Stream.BRANCH_GLOBAL, step * info.world + info.rank))
+    taken = ""
+    if trainer.runner.has_rank_state:
+        part = ckpt.rank_state_path(path.parent, step, info.rank)
+        taken = trainer.runner.load_branch_rank_state(ckpt.load(part) if part.is_file() else None, step)
+    return step, taken
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

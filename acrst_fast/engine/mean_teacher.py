@@ -156,6 +156,7 @@ class MeanTeacher(StudentTeacherRunner):
         self.cfg, self.student, self.student_losses = cfg, student, student_losses
         self.optimizer, self.data, self.device = optimizer, data, device
         self.acrst, self.labeled_bank_steps = acrst, labeled_bank_steps
+        self.bank_fill_start = 0  # the Labeled bank fills during steps [start, start + labeled_bank_steps)
         self.class_names, self.gt_class_counts = class_names, gt_class_counts
         self.rank, self.world, self.hidden_gt = rank, world, hidden_gt
         self.selective = acrst is not None and cfg.acrst.selective_supervision
@@ -346,10 +347,11 @@ class MeanTeacher(StudentTeacherRunner):
         pseudo-labels)."""
         host_boxes = [mark_host(b) for b in lab.boxes]  # the data loader's targets: already on the host
         host_labels = [mark_host(t) for t in lab.labels]
-        if step < self.labeled_bank_steps:
+        fill_end = self.bank_fill_start + self.labeled_bank_steps
+        if self.bank_fill_start <= step < fill_end:
             self.acrst.add_ground_truth(self._to(lab.weak), host_boxes, host_labels,
                                         self._generator(step, Stream.ACRST_LABELED_BANK))
-            if step == self.labeled_bank_steps - 1:  # the first pass is over on every rank
+            if step == fill_end - 1:  # the first pass is over on every rank
                 # the same generator on every rank (not per rank), so the merged banks are equal
                 self.acrst.share_labeled_bank(generator(self.cfg.run.seed, Stream.ACRST_SHARE_BANK, 0))
         if not paste:
@@ -392,9 +394,38 @@ class MeanTeacher(StudentTeacherRunner):
         return self.acrst is not None
 
     def rank_state_dict(self) -> dict:
-        """This rank's own state: its CropBank and Pseudo Recall (empty without ACRST)."""
-        return {"acrst": self.acrst.state_dict()} if self.acrst is not None else {}
+        """This rank's own state: its CropBank and Pseudo Recall (empty without ACRST), and the step at which
+        its Labeled bank began to fill."""
+        if self.acrst is None:
+            return {}
+        return {"acrst": self.acrst.state_dict(), "bank_fill_start": self.bank_fill_start}
 
     def load_rank_state_dict(self, state: dict) -> None:
         if self.acrst is not None:
             self.acrst.load_state_dict(state["acrst"])
+            self.bank_fill_start = int(state.get("bank_fill_start", 0))
+
+    def load_branch_rank_state(self, state: dict | None, step: int) -> str:
+        """A branch at `step` from a checkpoint with this rank's part `state` (None: it has none). Its
+        CropBank is taken when it fits this run's (classes, capacity, crop size), else the banks start
+        empty (`start_bank_at`); Pseudo Recall and the pseudo-label counts when their window fits. Returns
+        what was taken, for the start-up line."""
+        if self.acrst is None:
+            return "no ACRST"
+        saved, bank = (state or {}).get("acrst"), self.acrst.bank
+        if saved is None or tuple(saved["bank"]["shape"]) != (bank.num_classes, bank.capacity, bank.crop_size):
+            self.start_bank_at(step)
+            return f"CropBank empty, the Labeled bank fills during steps {step + 1}-{step + self.labeled_bank_steps}"
+        self.acrst.bank.load_state_dict(saved["bank"])
+        self.bank_fill_start = int(state.get("bank_fill_start", 0))
+        if saved["recall"]["history"].shape == self.acrst.recall.history.shape:
+            self.acrst.recall.load_state_dict(saved["recall"])
+            self.acrst.pl_counts.copy_(saved["pl_counts"])
+            return "CropBank and Pseudo Recall"
+        return "CropBank (Pseudo Recall starts empty: another acrst.pr_window)"
+
+    def start_bank_at(self, step: int) -> None:
+        """A branch from a checkpoint without a CropBank (or with one of another shape): the banks start
+        empty and the Labeled bank fills during the `labeled_bank_steps` steps from `step`, as a new run's
+        does from step 0."""
+        self.bank_fill_start = step

@@ -9,11 +9,10 @@ Weights are random unless the config names them:
   `models/pretrained.py`), `random`, or a local ImageNet classifier state dict (torchvision layout).
   A file named like torchvision's downloads (`name-<8 hex>.pth`) must have a sha256 starting with
   those 8 hex.
-- `weights`: a detector state dict, or an acrst_fast checkpoint (its teacher, else its student).
+- `weights`: a detector state dict, or an acrst_fast checkpoint: its teacher, or its student for a
+  checkpoint at or before the end of burn-in (`checkpoint_weights`); read with `weights_only=True`.
 """
 from __future__ import annotations
-
-from acrst_fast.errors import UserError
 
 import hashlib
 import logging
@@ -32,6 +31,7 @@ from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from acrst_fast.config import ModelConfig
+from acrst_fast.errors import UserError, one_line
 from acrst_fast.models import pretrained
 from acrst_fast.models.weighted_heads import enable_box_weights
 
@@ -59,18 +59,50 @@ def verify_torchvision_hash(path: Path) -> None:
                            "(the hash in the file name); the file is corrupt or not what it claims")
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _safe_load(path: Path):
+    """`torch.load(weights_only=True)`: tensors and plain containers only, never arbitrary objects. NumPy
+    arrays (the RNG state of checkpoints written before it was stored as a tensor) are allowed as data."""
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    allowed = [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def checkpoint_weights(obj: dict) -> tuple[dict, str]:
+    """The detector weights inside an acrst_fast checkpoint (`Trainer.state_dict()`): its teacher, or its
+    student when the checkpoint is at or before the end of its run's burn-in (the teacher is then still
+    the copy made at construction; mutual learning starts by copying the student). Returns (state
+    dict, which one)."""
+    runner, step = obj["runner"], int(obj.get("step", 0))
+    pretrain = (obj.get("config") or {}).get("solver", {}).get("pretrain_steps")
+    in_burn_in = pretrain is not None and step <= int(pretrain)
+    if isinstance(runner.get("teacher"), dict) and not in_burn_in:
+        return runner["teacher"], "teacher"
+    return runner["student"], "student"
+
+
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict (name -> tensor) from a weights file: a plain state dict, a `{"model": ...}` file, or
+    an acrst_fast checkpoint (`checkpoint_weights`). Loaded safely (no unpickling of arbitrary objects);
+    every problem is one WeightsError line naming the file."""
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: weights file not found")
     verify_torchvision_hash(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
-        raise WeightsError(f"{path}: cannot read weights: {exc}") from None
-    if isinstance(obj, dict) and isinstance(obj.get("runner"), dict):  # a training checkpoint
-        obj = obj["runner"]
-    if isinstance(obj, dict) and "teacher" in obj and isinstance(obj["teacher"], dict):
+        obj = _safe_load(path)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad or unsafe file
+        first = one_line(_ANSI.sub("", str(exc).split("\n\n")[0]))[:200]
+        raise WeightsError(f"{path}: cannot read weights safely (torch.load weights_only=True): {first}") from None
+    if isinstance(obj, dict) and isinstance(obj.get("runner"), dict) and isinstance(obj["runner"].get("student"), dict):
+        obj, which = checkpoint_weights(obj)
+        log.info("%s: the checkpoint's %s", path, which)
+    elif isinstance(obj, dict) and "teacher" in obj and isinstance(obj["teacher"], dict):
         obj = obj["teacher"]
     elif isinstance(obj, dict) and "student" in obj and isinstance(obj["student"], dict):
         obj = obj["student"]
