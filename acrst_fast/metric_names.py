@@ -24,6 +24,8 @@ SSMLL_NEGATIVES = ("true_negative", "neg_predicted", "absent")  # "ssmll/<name>"
 PR, MU, MU_SAMPLED = "acrst/pr", "acrst/mu", "acrst/mu_sampled"
 BANK_LABELED, BANK_PSEUDO, PL_HIST = "acrst/bank_labeled", "acrst/bank_pseudo", "acrst/pl_hist"
 KL_GT_PL = "acrst/kl_gt_pl"
+# instances pasted from each bank, per class, since the run (or branch) started: did AFFR reach the rare classes?
+PASTED_LABELED, PASTED_PSEUDO = "acrst/pasted_labeled", "acrst/pasted_pseudo"
 PASTED_PER_IMAGE = "acrst/pasted_per_image"  # "acrst/pasted_per_image_<labeled|unlabeled>"
 
 

@@ -1,22 +1,29 @@
-"""Ablation of the paper's Table 4 on the demo data, over seeds: each row is a set of config overrides.
+"""Ablation of the paper's Table 4 over seeds, by the protocol that can show the method's effect: one burn-in
+per seed, every row branched from it for the same number of steps, rows compared by paired per-seed differences.
 
     python bench/ablate.py [--config configs/demo.yaml] [--out runs/ablate] [--rows sup mt fbr affr ss all]
-                           [--seeds 3] [--ssmll CLASSIFIER] [KEY=VALUE ...]
+                           [--seeds 3] [--burn-in STEPS] [--mutual STEPS] [--eval-period N] [--ssmll CLASSIFIER]
+                           [KEY=VALUE ...]
 
-Each (row, seed) trains `python -m acrst_fast.train CONFIG run.seed=SEED` into OUT/ROW/seedSEED; one
-whose folder already holds final_metrics.json is not trained again, so an interrupted ablation
-continues where it stopped. Rows start from plain Mean Teacher (ACRST and two-stage filtering off)
-and switch parts on, so they do not depend on what the config enables; `sup` is supervised
-training alone for the same number of steps (the fair baseline of a short schedule). The two-stage rows (ts,
-affr_ts, all) filter with one SSMLL classifier per seed, trained once into OUT/ssmll/seedSEED
-(`python -m acrst_fast.train_ssmll`) and shared by those rows, or with `--ssmll FILE`.
+1. Burn-in, once per seed: supervised training for `--burn-in` steps (default: the config's
+   solver.pretrain_steps) into OUT/burn_in/seedS, evaluated every `--eval-period` steps, with the Labeled
+   CropBank filling (nothing is pasted during burn-in). Its AP curve is printed with the plateau rule: the
+   burn-in is at its plateau when its last two evaluations gained at most PLATEAU_AP AP; otherwise the
+   table says so (lengthen --burn-in).
+2. Rows, each a branch of that burn-in (`train --branch-from`, same seed: the rows of a seed see the same
+   labeled batches) for the same `--mutual` steps (default: total_steps - pretrain_steps): `sup` continues
+   supervised training, the others start mutual learning. Rows start from plain Mean Teacher (ACRST and
+   two-stage filtering off) and switch parts on, so they do not depend on what the config enables.
+   The two-stage rows filter with one SSMLL classifier per seed, trained once into OUT/ssmll/seedS.
+3. Prints per row mean ± std over seeds of AP and AP50 (the teacher; `sup`: the student), then the paired
+   per-seed differences, mean ± std: every row minus the supervised continuation, every ACRST row minus
+   Mean Teacher, for AP and the rarest classes' AP. THE RULE: an ordering is claimed only where the mean
+   paired difference exceeds its standard deviation over the seeds (|mean| > std, 2 seeds or more); else
+   "within the spread". Then, for the rarest classes: pseudo-labels the teacher kept, instances pasted from
+   each bank, and their AP at each evaluation; and the compute the shared burn-in saved.
 
-Prints, per row, mean ± std over the seeds of: teacher AP and AP50 at the end, the per-class AP of the
-rarest classes (by labeled-box count), and the mutual-learning gain, AP at the end minus the AP at
-the end of burn-in (the figure the method is about: every row shares the burn-in); then each row's
-difference from Mean Teacher, marked as an ordering only where it is larger than the spread (the
-sum of the two rows' standard deviations). Pseudo-label precision and recall over the mutual steps
-where the run logged them.
+A run whose folder holds final_metrics.json is not trained again, and a stopped one resumes, so an
+interrupted ablation continues where it stopped.
 """
 from __future__ import annotations
 
@@ -31,12 +38,13 @@ from pathlib import Path
 
 from acrst_fast import metric_names as M
 
+PLATEAU_AP = 1.0  # the burn-in's plateau rule: its last two evaluations gained at most this much AP
 MEAN_TEACHER = ["acrst.fbr=false", "acrst.selective_supervision=false", "ssmll.filter=single"]
 FBR, AFFR, SS, TWO_STAGE = (["acrst.fbr=true", "acrst.beta=0"], ["acrst.fbr=true", "acrst.beta=0.6"],
                             ["acrst.selective_supervision=true"], ["ssmll.filter=two_stage"])
-SUPERVISED = "@supervised"  # replaced by solver.pretrain_steps=<the config's total_steps>: no mutual learning
+SUPERVISED = "@supervised"  # this row's branch keeps pre-training to the end: no mutual learning
 ROWS = {
-    "sup": ("supervised only, same steps", MEAN_TEACHER + [SUPERVISED]),
+    "sup": ("supervised continuation", MEAN_TEACHER + [SUPERVISED]),
     "mt": ("Mean Teacher", MEAN_TEACHER),
     "fbr": ("+ FBR", MEAN_TEACHER + FBR),
     "affr": ("+ FBR + AFFR", MEAN_TEACHER + AFFR),
@@ -45,38 +53,120 @@ ROWS = {
     "affr_ts": ("+ FBR + AFFR + Two-stage", MEAN_TEACHER + AFFR + TWO_STAGE),
     "all": ("+ FBR + AFFR + Two-stage + SS", MEAN_TEACHER + AFFR + TWO_STAGE + SS),
 }
+ACRST_ROWS = ("fbr", "affr", "ss", "affr_ts", "all")  # compared with Mean Teacher too
 
 
-def pseudo_quality(run_dirs: list[Path]) -> str:
-    """Pseudo-label precision / recall summed over the logged mutual steps of the runs (final filter)."""
-    recs = [json.loads(line) for d in run_dirs for line in (d / "metrics.jsonl").read_text().splitlines()
-            if line.strip()]
-    recs = [r for r in recs if r.get("kind") == "train" and M.PSEUDO_TP in r]
-    if not recs:
-        return ""
-    tp, n, gt = (sum(r[k] for r in recs) for k in (M.PSEUDO_TP, M.PSEUDO_NUM, M.PSEUDO_NUM_GT))
-    text = f"P {tp / max(n, 1e-9):.3f} R {tp / max(gt, 1e-9):.3f}"
-    if M.STAGE1_TP in recs[-1]:
-        tp1, n1 = (sum(r.get(k, 0.0) for r in recs) for k in (M.STAGE1_TP, M.STAGE1_NUM))
-        text += f" (stage 1: P {tp1 / max(n1, 1e-9):.3f} R {tp1 / max(gt, 1e-9):.3f})"
-    return text
+# ------------------------------------------------------------------------------------------------
+# statistics (unit-tested on fixed numbers)
 
 
-def labeled_class_counts(run_dir: Path) -> dict[str, int]:
-    stats = json.loads((run_dir / "dataset_stats.json").read_text())
-    return dict(zip(stats["classes"], stats["labeled_class_counts"]))
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value; NaN when a value is NaN)."""
+    if not values or any(math.isnan(v) for v in values):
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def _run(cmd: list[str], what: str) -> None:
+def paired(a: list[float], b: list[float]) -> tuple[float, float, list[float]]:
+    """Per-seed differences a_i - b_i of two rows that share each seed's burn-in: (mean, std, the differences)."""
+    if len(a) != len(b):
+        raise ValueError(f"paired rows need the same seeds ({len(a)} vs {len(b)} values)")
+    diffs = [x - y for x, y in zip(a, b)]
+    m, s = mean_std(diffs)
+    return m, s, diffs
+
+
+def verdict(mean: float, std: float, n: int) -> str:
+    """THE RULE: an ordering only where the mean paired difference exceeds its spread over 2+ seeds."""
+    if n < 2 or math.isnan(mean):
+        return "too few seeds"
+    if abs(mean) > std:
+        return "higher" if mean > 0 else "lower"
+    return "within the spread"
+
+
+def row_values(runs: list[dict], rare: list[str]) -> dict[str, list[float]]:
+    """Per seed, the row's end model (the teacher; the supervised row: its student): AP, AP50, rare APs."""
+    ends = [r["teacher"] or r["supervised"] for r in runs]
+    out = {"AP": [e["AP"] for e in ends], "AP50": [e["AP50"] for e in ends]}
+    return out | {n: [e["AP_per_class"][n] for e in ends] for n in rare}
+
+
+def comparisons(results: dict[str, list[dict]], rare: list[str]) -> list[tuple[str, str, str, float, float, list]]:
+    """(row, baseline, metric, mean, std, per-seed differences) of every row against the supervised
+    continuation, and of every ACRST row against Mean Teacher, for AP and each rare class's AP."""
+    values = {row: row_values(runs, rare) for row, runs in results.items()}
+    pairs = [(row, "sup") for row in results if row != "sup" and "sup" in results]
+    pairs += [(row, "mt") for row in results if row in ACRST_ROWS and "mt" in results]
+    out = []
+    for row, base in pairs:
+        for metric in ["AP", *rare]:
+            m, s, d = paired(values[row][metric], values[base][metric])
+            out.append((row, base, metric, m, s, d))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# reading runs
+
+
+def records(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
+
+
+def burn_in_curve(run_dir: Path) -> list[tuple[int, float]]:
+    """(step, AP) of the burn-in's student evaluations."""
+    return [(r["step"], r["AP"]) for r in records(run_dir) if r.get("kind") == "eval" and r["model"] == "student"]
+
+
+def at_plateau(curve: list[tuple[int, float]]) -> bool:
+    """The plateau rule: the last two evaluations gained at most PLATEAU_AP AP (needs 3 evaluations)."""
+    return len(curve) >= 3 and curve[-1][1] - curve[-3][1] <= PLATEAU_AP
+
+
+def rare_visibility(run_dir: Path, branch_step: int, rare: list[str]) -> dict[str, dict[str, float]]:
+    """Per rare class, after the branch point: pseudo-labels the teacher kept (sum over steps, from the
+    logged per-step averages), instances pasted from each bank (cumulative count at the last log), AP at
+    each evaluation of the branch."""
+    recs = [r for r in records(run_dir) if r["step"] > branch_step]
+    train = [r for r in recs if r.get("kind") == "train"]
+    steps = [b["step"] - a["step"] for a, b in zip([{"step": branch_step}] + train[:-1], train)]
+    out = {}
+    for n in rare:
+        kept = sum(r.get(M.class_key(M.PSEUDO_COUNT, n), 0.0) * k for r, k in zip(train, steps))
+        last = train[-1] if train else {}
+        out[n] = {"kept": kept, "pasted_labeled": last.get(M.class_key(M.PASTED_LABELED, n), math.nan),
+                  "pasted_pseudo": last.get(M.class_key(M.PASTED_PSEUDO, n), math.nan),
+                  "ap": [(r["step"], r["AP_per_class"][n]) for r in recs
+                         if r.get("kind") == "eval" and r["model"] == ("teacher" if r["stage"] != "supervised"
+                                                                       else "student")]}
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# training
+
+
+def _run(cmd: list[str], what: str, timing: dict, key: str) -> None:
     print(f"[ablate] {what}: {' '.join(cmd[2:])}", flush=True)
     t0 = time.time()
     proc = subprocess.run(cmd)
     if proc.returncode != 0:
         raise SystemExit(f"[ablate] {what} failed (exit {proc.returncode})")
+    timing[key] = timing.get(key, 0.0) + time.time() - t0
     print(f"[ablate] {what}: {time.time() - t0:.0f} s", flush=True)
 
 
-def classifier(args, out: Path, seed: int) -> str:
+def _train(args, run_dir: Path, extra: list[str], what: str, timing: dict, key: str) -> dict:
+    if not (run_dir / "final_metrics.json").is_file():
+        _run([sys.executable, "-m", "acrst_fast.train", args.config, *args.overrides, *extra,
+              f"run.output_dir={run_dir}", "run.progress_bar=false", "eval.supervised_branch=false", "--resume"],
+             what, timing, key)
+    return json.loads((run_dir / "final_metrics.json").read_text())
+
+
+def classifier(args, out: Path, seed: int, timing: dict) -> str:
     """The two-stage rows' SSMLL classifier of `seed`: --ssmll, or trained once for all rows."""
     if args.ssmll:
         return args.ssmll
@@ -84,100 +174,142 @@ def classifier(args, out: Path, seed: int) -> str:
     if not (folder / "ssmll_metrics.json").is_file():
         resume = ["--resume"] if folder.is_dir() else []
         _run([sys.executable, "-m", "acrst_fast.train_ssmll", args.config, *args.overrides, f"run.seed={seed}",
-              f"ssmll.output_dir={folder}", "run.progress_bar=false", *resume], f"SSMLL seed {seed}")
+              f"ssmll.output_dir={folder}", "run.progress_bar=false", *resume], f"SSMLL seed {seed}", timing,
+             f"ssmll/seed{seed}")
     return str(folder / "ssmll_teacher.pt")
 
 
-def train_row(args, out: Path, row: str, seed: int) -> dict:
+def burn_in(args, out: Path, seed: int, timing: dict) -> Path:
+    """The seed's burn-in (with the Labeled bank filling), trained once; returns its last checkpoint."""
+    run_dir = out / "burn_in" / f"seed{seed}"
+    extra = [f"solver.pretrain_steps={args.burn_in}", f"solver.total_steps={args.burn_in}", "acrst.fbr=true",
+             "acrst.selective_supervision=false", "ssmll.filter=single", f"eval.period={args.eval_period}",
+             f"run.seed={seed}"]
+    _train(args, run_dir, extra, f"burn-in, seed {seed}", timing, f"burn_in/seed{seed}")
+    return run_dir / f"ckpt_{args.burn_in:08d}.pt"
+
+
+def train_row(args, out: Path, row: str, seed: int, start: Path, timing: dict) -> dict:
     label, extra = ROWS[row]
-    if SUPERVISED in extra:
-        from acrst_fast.config import load_config
-
-        total = load_config(args.config, args.overrides).solver.total_steps
-        extra = [e if e != SUPERVISED else f"solver.pretrain_steps={total}" for e in extra]
+    end = args.burn_in + args.mutual
+    extra = [f"solver.pretrain_steps={end}" if e == SUPERVISED else e for e in extra]
+    if SUPERVISED not in ROWS[row][1]:
+        extra = [*extra, f"solver.pretrain_steps={args.burn_in}"]
     if "ssmll.filter=two_stage" in extra:
-        extra = [*extra, f"ssmll.checkpoint={classifier(args, out, seed)}"]
-    run_dir = out / row / f"seed{seed}"
-    if not (run_dir / "final_metrics.json").is_file():
-        resume = ["--resume"] if run_dir.is_dir() else []
-        _run([sys.executable, "-m", "acrst_fast.train", args.config, *args.overrides, *extra, f"run.seed={seed}",
-              f"run.output_dir={run_dir}", "run.progress_bar=false", *resume], f"{label}, seed {seed}")
-    return json.loads((run_dir / "final_metrics.json").read_text())
+        extra = [*extra, f"ssmll.checkpoint={classifier(args, out, seed, timing)}"]
+    extra += [f"solver.total_steps={end}", f"eval.period={args.eval_period}", f"run.seed={seed}",
+              f"run.branch_from={start}"]
+    return _train(args, out / row / f"seed{seed}", extra, f"{label}, seed {seed}", timing, f"{row}/seed{seed}")
 
 
-def _stat(values: list[float]) -> tuple[float, float]:
-    if any(math.isnan(v) for v in values):  # statistics.stdev fails on NaN
-        return math.nan, math.nan
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+# ------------------------------------------------------------------------------------------------
+# printing
 
 
-def burn_in_ap(results: dict[str, list[dict]]) -> dict[int, float]:
-    """Per seed: AP at the end of the burn-in that every row of that seed shares (bit for bit: the runs'
-    logged losses agree up to it), read from any row with mutual learning."""
-    out: dict[int, float] = {}
-    for runs in results.values():
-        for seed, r in enumerate(runs):
-            if r["teacher"]:
-                out.setdefault(seed, r["supervised"]["AP"])
-    return out
+def _pm(s: tuple[float, float]) -> str:
+    return f"{s[0]:.2f} ± {s[1]:.2f}"
 
 
-def summarize(results: dict[str, list[dict]], rare: list[str]) -> dict[str, dict[str, tuple[float, float]]]:
-    """Per row: mean and std over seeds of AP, AP50, gain (end AP - end-of-burn-in AP), rare-class APs.
-
-    The `sup` row has no mutual learning: its gain is over the same steps, its end AP minus the shared
-    burn-in's AP of the same seed (NaN when no row with mutual learning ran that seed)."""
-    out, burn_in = {}, burn_in_ap(results)
+def row_table(results: dict[str, list[dict]], rare: list[str], counts: dict[str, int]) -> list[str]:
+    head = f"{'row':<32}{'AP':>15}{'AP50':>15}" + "".join(f"{f'{n} ({counts[n]})':>17}" for n in rare)
+    lines = [head, "-" * len(head)]
     for row, runs in results.items():
-        ends = [r["teacher"] or r["supervised"] for r in runs]
-        starts = [r["supervised"]["AP"] if r["teacher"] else burn_in.get(seed, math.nan) for seed, r in enumerate(runs)]
-        stats = {"AP": _stat([e["AP"] for e in ends]), "AP50": _stat([e["AP50"] for e in ends]),
-                 "gain": _stat([e["AP"] - a for e, a in zip(ends, starts)])}
-        stats |= {n: _stat([e["AP_per_class"][n] for e in ends]) for n in rare}
-        out[row] = stats
-    return out
+        v = row_values(runs, rare)
+        lines.append(f"{ROWS[row][0]:<32}{_pm(mean_std(v['AP'])):>15}{_pm(mean_std(v['AP50'])):>15}"
+                     + "".join(f"{_pm(mean_std(v[n])):>17}" for n in rare))
+    return lines
 
 
-def table(summary: dict, rare: list[str], counts: dict[str, int], quality: dict[str, str], seeds: int) -> str:
-    pm = lambda s: f"{s[0]:.2f} ± {s[1]:.2f}"  # noqa: E731
-    head = (f"{'row':<30}{'AP':>15}{'AP50':>15}{'gain in mutual':>17}"
-            + "".join(f"{f'{n} ({counts[n]})':>17}" for n in rare))
-    lines = [f"teacher on the validation split, mean ± std over {seeds} seeds; gain = AP at the end - AP at the "
-             "end of burn-in (supervised only: over the same steps, from the burn-in the rows share)",
-             head, "-" * len(head)]
-    for row, s in summary.items():
-        lines.append(f"{ROWS[row][0]:<30}{pm(s['AP']):>15}{pm(s['AP50']):>15}{pm(s['gain']):>17}"
-                     + "".join(f"{pm(s[n]):>17}" for n in rare) + "   " + quality.get(row, ""))
-    if "mt" in summary:
-        lines += ["", "difference from Mean Teacher (an ordering only where |difference| > the sum of the stds):"]
-        for row, s in summary.items():
-            if row == "mt":
-                continue
-            for key in ("AP", "gain"):
-                d = s[key][0] - summary["mt"][key][0]
-                spread = s[key][1] + summary["mt"][key][1]
-                verdict = ("higher" if d > 0 else "lower") if abs(d) > spread else "within the spread"
-                lines.append(f"  {ROWS[row][0]:<30}{key:>6} {d:+.2f} (spread {spread:.2f}): {verdict}")
-    return "\n".join(lines)
+def paired_table(results: dict[str, list[dict]], rare: list[str]) -> list[str]:
+    lines = ["paired per-seed differences, mean ± std (rule: an ordering only where |mean| > std over 2+ seeds):"]
+    n = min(len(r) for r in results.values())
+    for row, base, metric, m, s, d in comparisons(results, rare):
+        name = f"{ROWS[row][0]} - {ROWS[base][0]}"
+        per_seed = ", ".join(f"{x:+.2f}" for x in d)
+        lines.append(f"  {name:<62}{metric:>10} {m:+7.2f} ± {s:5.2f}  ({per_seed}): {verdict(m, s, n)}")
+    return lines
+
+
+def burn_in_lines(curves: dict[int, list[tuple[int, float]]]) -> list[str]:
+    lines = [f"burn-in AP curve per seed (plateau rule: the last two evaluations gained <= {PLATEAU_AP} AP):"]
+    for seed, curve in curves.items():
+        pts = ", ".join(f"{s}: {ap:.2f}" for s, ap in curve)
+        lines.append(f"  seed {seed}: {pts}  -> {'at its plateau' if at_plateau(curve) else 'NOT at its plateau'}")
+    return lines
+
+
+def visibility_lines(out: Path, rows: list[str], seeds: int, branch_step: int, rare: list[str]) -> list[str]:
+    lines = ["rare classes after the branch point, mean over seeds: pseudo-labels kept, pasted from the Labeled / "
+             "Pseudo bank, AP at each evaluation:"]
+    for row in rows:
+        vis = [rare_visibility(out / row / f"seed{s}", branch_step, rare) for s in range(seeds)]
+        for n in rare:
+            kept = statistics.fmean(v[n]["kept"] for v in vis)
+            pl, pp = (statistics.fmean(v[n][k] for v in vis) for k in ("pasted_labeled", "pasted_pseudo"))
+            steps = [s for s, _ in vis[0][n]["ap"]]
+            aps = [statistics.fmean(dict(v[n]["ap"]).get(s, math.nan) for v in vis) for s in steps]
+            curve = ", ".join(f"{s}: {a:.1f}" for s, a in zip(steps, aps))
+            pasted = "" if math.isnan(pl) else f", pasted {pl:.0f} / {pp:.0f}"
+            lines.append(f"  {ROWS[row][0]:<32}{n:>10}: kept {kept:.0f}{pasted}; AP {curve}")
+    return lines
+
+
+def compute_lines(timing: dict, rows: list[str], seeds: int) -> list[str]:
+    burn = [timing.get(f"burn_in/seed{s}") for s in range(seeds)]
+    if any(b is None for b in burn):
+        return ["compute: the burn-ins' times are not in timing.json (trained by an older ablate.py)"]
+    branches = sum(timing.get(f"{r}/seed{s}", 0.0) for r in rows for s in range(seeds))
+    saved = sum(burn) * (len(rows) - 1)
+    return [f"compute: burn-in {statistics.fmean(burn):.0f} s per seed, trained once and shared by {len(rows)} rows: "
+            f"{saved:.0f} s saved ({saved / (saved + sum(burn) + branches):.0%} of what unshared burn-ins would cost); "
+            f"branches {branches:.0f} s in all"]
+
+
+def labeled_class_counts(run_dir: Path) -> dict[str, int]:
+    stats = json.loads((run_dir / "dataset_stats.json").read_text())
+    return dict(zip(stats["classes"], stats["labeled_class_counts"]))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/demo.yaml")
     ap.add_argument("--out", default="runs/ablate")
-    ap.add_argument("--rows", nargs="+", default=["mt", "affr", "ss", "all"], choices=list(ROWS))
-    ap.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per row (run.seed)")
+    ap.add_argument("--rows", nargs="+", default=["sup", "mt", "affr", "ss", "all"], choices=list(ROWS))
+    ap.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (run.seed)")
+    ap.add_argument("--burn-in", type=int, default=0, help="burn-in steps (default: the config's pretrain_steps)")
+    ap.add_argument("--mutual", type=int, default=0, help="steps of every row after the burn-in (default: the "
+                                                            "config's total_steps - pretrain_steps)")
+    ap.add_argument("--eval-period", type=int, default=0, help="steps between evaluations (default: burn-in / 4)")
     ap.add_argument("--rare", type=int, default=2, help="how many of the rarest classes to show")
-    ap.add_argument("--ssmll", default="", help="an SSMLL classifier file for the two-stage rows (default: "
-                                                  "one trained per seed)")
-    ap.add_argument("overrides", nargs="*", help="KEY=VALUE applied to every run (e.g. solver.total_steps=300)")
+    ap.add_argument("--ssmll", default="", help="an SSMLL classifier file for the two-stage rows (default: one "
+                                                  "trained per seed)")
+    ap.add_argument("overrides", nargs="*", help="KEY=VALUE applied to every run (e.g. solver.lr_steps=[900])")
     args = ap.parse_args()
+    from acrst_fast.config import load_config
+
+    solver = load_config(args.config, args.overrides).solver
+    args.burn_in = args.burn_in or solver.pretrain_steps
+    args.mutual = args.mutual or solver.total_steps - solver.pretrain_steps
+    args.eval_period = args.eval_period or max(1, args.burn_in // 4)
     out = Path(args.out)
-    results = {row: [train_row(args, out, row, seed) for seed in range(args.seeds)] for row in args.rows}
-    counts = labeled_class_counts(out / args.rows[0] / "seed0")
+    out.mkdir(parents=True, exist_ok=True)
+    timing_file = out / "timing.json"
+    timing = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
+    results: dict[str, list[dict]] = {row: [] for row in args.rows}
+    for seed in range(args.seeds):
+        start = burn_in(args, out, seed, timing)
+        for row in args.rows:
+            results[row].append(train_row(args, out, row, seed, start, timing))
+            timing_file.write_text(json.dumps(timing, indent=1))
+    counts = labeled_class_counts(out / "burn_in" / "seed0")
     rare = sorted(counts, key=counts.get)[: args.rare]
-    quality = {row: pseudo_quality([out / row / f"seed{s}" for s in range(args.seeds)]) for row in args.rows}
-    text = table(summarize(results, rare), rare, counts, quality, args.seeds)
+    curves = {s: burn_in_curve(out / "burn_in" / f"seed{s}") for s in range(args.seeds)}
+    text = "\n".join([
+        f"{args.seeds} seeds; burn-in {args.burn_in} steps, then every row {args.mutual} steps from it "
+        f"(steps {args.burn_in + 1}-{args.burn_in + args.mutual}); AP of the teacher (supervised: the student) "
+        "on the validation split", *burn_in_lines(curves), "", *row_table(results, rare, counts), "",
+        *paired_table(results, rare), "", *visibility_lines(out, args.rows, args.seeds, args.burn_in, rare), "",
+        *compute_lines(timing, args.rows, args.seeds)])
     print("\n" + text)
     (out / "ablation.txt").write_text(text + "\n", encoding="utf-8")
 

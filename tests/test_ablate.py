@@ -1,4 +1,6 @@
-"""bench/ablate.py's summary: mean ± std over seeds, the mutual-learning gain, orderings only beyond the spread."""
+"""bench/ablate.py's statistics: per-row mean ± std, paired per-seed differences, and the rule that claims an
+ordering only where the mean paired difference exceeds its spread."""
+import json
 import sys
 
 import pytest
@@ -9,32 +11,67 @@ sys.path.insert(0, str(REPO / "bench"))
 import ablate  # noqa: E402
 
 
-def _run(sup: float, end: float, rare: float) -> dict:
-    return {"supervised": {"AP": sup, "AP50": sup + 20, "AP_per_class": {"r": rare - 5}},
+def _ssl(end: float, rare: float) -> dict:
+    return {"supervised": {"AP": 50.0, "AP50": 70.0, "AP_per_class": {"r": 1.0}},
             "teacher": {"AP": end, "AP50": end + 20, "AP_per_class": {"r": rare}}}
 
 
-def test_summary_over_seeds_and_orderings():
-    results = {"mt": [_run(60, 68, 30), _run(62, 69, 32), _run(61, 70, 31)],
-               "all": [_run(60, 75, 40), _run(62, 76, 42), _run(61, 77, 41)],
-               "affr": [_run(60, 66, 30), _run(62, 72, 32), _run(61, 71, 31)]}
-    s = ablate.summarize(results, ["r"])
-    assert s["mt"]["AP"] == pytest.approx((69.0, 1.0)) and s["all"]["gain"] == pytest.approx((15.0, 1.0))
-    assert s["mt"]["gain"][0] == pytest.approx(8.0) and s["all"]["r"] == pytest.approx((41.0, 1.0))
-    text = ablate.table(s, ["r"], {"r": 3}, {}, 3)
-    assert "69.00 ± 1.00" in text and "15.00 ± 1.00" in text
-    lines = text.splitlines()
-    assert any("+ FBR + AFFR + Two-stage + SS" in ln and "gain +7.00 (spread 2.00): higher" in ln for ln in lines)
-    affr = [ln for ln in lines if ln.startswith("  + FBR + AFFR ") and "Two-stage" not in ln]
-    assert len(affr) == 2 and all("within the spread" in ln for ln in affr)  # +0.67 AP against a 4.21 spread
+def _sup(end: float, rare: float) -> dict:
+    return {"supervised": {"AP": end, "AP50": end + 20, "AP_per_class": {"r": rare}}, "teacher": None}
 
 
-def test_supervised_row_gain_is_over_the_same_steps():
-    """`sup` has no mutual learning: its gain starts from the burn-in AP that the other rows of the seed share."""
-    sup = lambda ap: {"supervised": {"AP": ap, "AP50": ap, "AP_per_class": {"r": 1.0}}, "teacher": None}  # noqa: E731
-    results = {"sup": [sup(71), sup(72), sup(73)],
-               "mt": [_run(60, 68, 30), _run(62, 69, 32), _run(61, 70, 31)]}
-    s = ablate.summarize(results, ["r"])
-    assert s["sup"]["gain"] == pytest.approx((11.0, 1.0))  # 71-60, 72-62, 73-61
-    alone = ablate.summarize({"sup": results["sup"]}, ["r"])
-    assert all(v != v for v in alone["sup"]["gain"])  # no shared burn-in to start from: NaN, not 0
+RESULTS = {  # three seeds; seed 1's burn-in is the weak one, and every row of that seed is lower
+    "sup": [_sup(60, 10), _sup(50, 8), _sup(58, 12)],
+    "mt": [_ssl(63, 11), _ssl(53, 9), _ssl(62, 12)],  # +3, +3, +4 over sup: small but paired
+    "affr": [_ssl(64, 20), _ssl(53, 9), _ssl(61, 30)],  # +1, 0, -1 over mt: nothing
+}
+
+
+def test_paired_differences_resolve_what_unpaired_spread_hides():
+    mt, sup = ablate.row_values(RESULTS["mt"], ["r"]), ablate.row_values(RESULTS["sup"], ["r"])
+    assert ablate.mean_std(mt["AP"]) == pytest.approx((59.3333, 5.5076), abs=1e-4)  # unpaired: 5.5 AP of spread
+    m, s, d = ablate.paired(mt["AP"], sup["AP"])
+    assert d == [3.0, 3.0, 4.0] and m == pytest.approx(10 / 3) and s == pytest.approx(0.57735, abs=1e-5)
+    assert ablate.verdict(m, s, 3) == "higher"
+
+
+def test_rule_claims_orderings_only_beyond_the_spread():
+    assert ablate.verdict(0.0, 1.0, 3) == "within the spread"
+    assert ablate.verdict(-2.0, 1.0, 3) == "lower"
+    assert ablate.verdict(1.0, 1.0, 3) == "within the spread"  # equal is not beyond
+    assert ablate.verdict(5.0, 0.0, 1) == "too few seeds"
+    with pytest.raises(ValueError):
+        ablate.paired([1.0, 2.0], [1.0])
+
+
+def test_comparisons_against_supervised_and_mean_teacher():
+    got = {(row, base, metric): (m, s, d) for row, base, metric, m, s, d in ablate.comparisons(RESULTS, ["r"])}
+    assert set(got) == {(r, "sup", k) for r in ("mt", "affr") for k in ("AP", "r")} | {("affr", "mt", "AP"),
+                                                                                         ("affr", "mt", "r")}
+    m, s, d = got[("affr", "mt", "AP")]
+    assert d == [1.0, 0.0, -1.0] and m == pytest.approx(0.0) and s == pytest.approx(1.0)
+    m, s, d = got[("affr", "mt", "r")]
+    assert d == [9.0, 0.0, 18.0] and m == pytest.approx(9.0) and s == pytest.approx(9.0)  # not beyond: no claim
+    lines = ablate.paired_table(RESULTS, ["r"])
+    assert any("Mean Teacher - supervised continuation" in ln and "+3.33 ±  0.58" in ln and ln.endswith("higher")
+               for ln in lines)
+    assert any("+ FBR + AFFR - Mean Teacher" in ln and " AP " in ln and ln.endswith("within the spread")
+               for ln in lines)
+
+
+def test_plateau_rule_and_rare_class_visibility(tmp_path):
+    assert ablate.at_plateau([(100, 40.0), (200, 47.0), (300, 47.5), (400, 48.0)])
+    assert not ablate.at_plateau([(100, 40.0), (200, 44.0), (300, 46.5)])
+    assert not ablate.at_plateau([(100, 40.0), (200, 40.0)])  # too few evaluations to tell
+    recs = [{"kind": "train", "step": 10, "pseudo/count/r": 9.0},  # before the branch point: not counted
+            {"kind": "branch", "step": 10},
+            {"kind": "train", "step": 20, "pseudo/count/r": 0.5, "acrst/pasted_labeled/r": 4.0,
+             "acrst/pasted_pseudo/r": 0.0},
+            {"kind": "train", "step": 40, "pseudo/count/r": 1.0, "acrst/pasted_labeled/r": 12.0,
+             "acrst/pasted_pseudo/r": 3.0},
+            {"kind": "eval", "step": 40, "model": "teacher", "stage": "mean_teacher", "AP_per_class": {"r": 7.5}},
+            {"kind": "eval", "step": 40, "model": "student", "stage": "mean_teacher", "AP_per_class": {"r": 1.0}}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    vis = ablate.rare_visibility(tmp_path, 10, ["r"])["r"]
+    assert vis["kept"] == pytest.approx(0.5 * 10 + 1.0 * 20)  # per-step averages times the steps they cover
+    assert (vis["pasted_labeled"], vis["pasted_pseudo"], vis["ap"]) == (12.0, 3.0, [(40, 7.5)])

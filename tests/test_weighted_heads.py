@@ -77,3 +77,35 @@ def test_images_without_boxes():
               "reg_weight": torch.zeros(0)}] * 2
     losses = _losses(model, images, empty)
     assert losses["loss_box_reg"] == 0 and torch.isfinite(losses["loss_classifier"])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_focal_loss_against_its_formula(seed):
+    """Softmax focal loss (Unbiased Teacher): mean of (1 - p_y)^gamma * CE; gamma 0 is cross-entropy."""
+    from acrst_fast.models.weighted_heads import focal_cross_entropy
+
+    g = torch.Generator().manual_seed(seed)
+    logits, labels = torch.randn(50, 5, generator=g) * 3, torch.randint(0, 5, (50,), generator=g)
+    p = torch.softmax(logits, 1)[torch.arange(50), labels]
+    want = ((1 - p) ** 1.5 * -torch.log(p)).mean()
+    torch.testing.assert_close(focal_cross_entropy(logits, labels, 1.5), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(focal_cross_entropy(logits, labels, 0.0), torch.nn.functional.cross_entropy(logits, labels))
+    assert focal_cross_entropy(logits, labels, 1.5) < focal_cross_entropy(logits, labels, 0.0)
+
+
+def test_unsup_focal_gamma_applies_to_the_unlabeled_forward_only():
+    from acrst_fast.engine.mean_teacher import StudentLosses
+
+    torch.manual_seed(0)
+    model = build_detector(CFG, num_classes=3).train()
+    images, targets = _batch()
+    plain, focal = StudentLosses(model, 0.0), StudentLosses(model, 1.5)
+    torch.manual_seed(7)
+    sup_a, unsup_a = plain(images, targets, images, targets)
+    torch.manual_seed(7)
+    sup_b, unsup_b = focal(images, targets, images, targets)
+    for k in sup_a:  # the labeled group's losses, and every term but the RoI classification, are unchanged
+        torch.testing.assert_close(sup_a[k], sup_b[k])
+        if k != "loss_classifier":
+            torch.testing.assert_close(unsup_a[k], unsup_b[k])
+    assert unsup_b["loss_classifier"] < unsup_a["loss_classifier"] and model.roi_heads.focal_gamma == 0.0

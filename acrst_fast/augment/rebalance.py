@@ -43,6 +43,8 @@ class ACRST:
         # kept pseudo-labels per class and step, on the device like PR
         self.pl_counts = torch.zeros((pr_window, num_classes), dtype=torch.float64, device=device)
         self.last_pasted_per_image = 0.0
+        # instances pasted so far, per (bank: labeled, pseudo) and class (index k - 1): host counts from the op table
+        self.pasted_counts = np.zeros((len(SOURCES), num_classes), dtype=np.int64)
         self.pasted_per_image: list[float] = []  # of each batch of the last `rebalance_many`
         # seconds spent per part (pr, bank, plan, paste) since the last `pop_seconds()`; with
         # `sync_timing` the device is synchronised around each part (benchmarks), else it is not
@@ -139,6 +141,7 @@ class ACRST:
         offsets = np.cumsum([0] + [len(b[0]) for b in batches])
         ops = mark_host(torch.cat([p.ops + torch.tensor([int(o), 0, 0, 0, 0, 0, 0])
                                    for p, o in zip(plans, offsets[:-1])]))  # the op table: host data
+        self._count_pasted(ops[:, 1].numpy())
         pasted_images = paste_pixels(images, ops, self.bank.pixels,  # the op table stays on the host
                                      bank_hw=self.bank.stored_hw_host())
         self._add_time("paste", t0)
@@ -161,6 +164,11 @@ class ACRST:
             out.append((pasted_images[o:o + n], list(boxes[o:o + n]), list(labels[o:o + n]), list(pasted[o:o + n])))
         return out
 
+    def _count_pasted(self, slots: np.ndarray) -> None:
+        """Add the pasted slots (int64[P], the op table's slot column) to `pasted_counts` by bank and class."""
+        per_source = self.num_classes * self.bank.capacity
+        np.add.at(self.pasted_counts, (slots // per_source, (slots % per_source) // self.bank.capacity), 1)
+
     def diagnostics(self, gt_class_counts: torch.Tensor | None = None) -> dict[str, torch.Tensor | float]:
         """Per-class PR, mu, bank fill, pseudo-label class histogram (window), and its KL divergence
         from the ground-truth class histogram when given (paper Fig. 4b). Reads the device."""
@@ -173,6 +181,7 @@ class ACRST:
         fill = self.bank.fill().double()  # host mirror
         available = fill[list(self.sources)].sum(0) > 0  # classes the planner can draw a crop of
         pasted = self.last_pasted_per_image
+        counts = torch.from_numpy(self.pasted_counts.astype(np.float64))  # a copy: host values of now
         tensors = (self.recall.value(), self.class_probs(), self.pl_counts.sum(0))
 
         def finish(host) -> dict[str, torch.Tensor | float]:
@@ -181,6 +190,7 @@ class ACRST:
                 "pr": pr, "mu": mu, "mu_sampled": sampled_distribution(mu, available),
                 "bank_labeled": fill[LABELED], "bank_pseudo": fill[PSEUDO],
                 "pl_hist": pl / pl.sum() if pl.sum() > 0 else pl, "pasted_per_image": pasted,
+                "pasted_labeled": counts[LABELED], "pasted_pseudo": counts[PSEUDO],
             }
             if gt_class_counts is not None and pl.sum() > 0:
                 out["kl_gt_pl"] = kl_divergence(gt_class_counts.double().cpu(), pl)
@@ -189,12 +199,15 @@ class ACRST:
         return tensors, finish
 
     def state_dict(self) -> dict:
-        return {"bank": self.bank.state_dict(), "recall": self.recall.state_dict(), "pl_counts": self.pl_counts.cpu().clone()}
+        return {"bank": self.bank.state_dict(), "recall": self.recall.state_dict(), "pl_counts": self.pl_counts.cpu().clone(),
+                "pasted_counts": torch.from_numpy(self.pasted_counts.copy())}
 
     def load_state_dict(self, state: dict) -> None:
         self.bank.load_state_dict(state["bank"])
         self.recall.load_state_dict(state["recall"])
         self.pl_counts.copy_(state["pl_counts"])
+        if "pasted_counts" in state:  # absent in checkpoints written before it was counted
+            self.pasted_counts[:] = np.asarray(state["pasted_counts"])
 
 
 def sampled_distribution(mu: torch.Tensor, available: torch.Tensor) -> torch.Tensor:

@@ -97,16 +97,24 @@ class StudentLosses(nn.Module):
 
     labeled/unlabeled images: list of Tensor[3, H, W]; targets: list of {"boxes": Tensor[N, 4]
     (x1, y1, x2, y2) pixels, "labels": Tensor[N] int64 1..K}. Returns (sup, unsup) loss dicts;
-    unsup is empty when no unlabeled images are given.
+    unsup is empty when no unlabeled images are given. unsup_focal_gamma > 0: the unlabeled images' RoI
+    classification is the focal loss (mean_teacher.unsup_focal_gamma; `WeightedRoIHeads.focal_gamma`).
     """
 
-    def __init__(self, detector: nn.Module):
+    def __init__(self, detector: nn.Module, unsup_focal_gamma: float = 0.0):
         super().__init__()
-        self.detector = detector
+        self.detector, self.unsup_focal_gamma = detector, unsup_focal_gamma
 
     def forward(self, lab_images, lab_targets, unl_images=None, unl_targets=None):
         sup = self.detector(lab_images, lab_targets)
-        unsup = self.detector(unl_images, unl_targets) if unl_images else {}
+        if not unl_images:
+            return sup, {}
+        heads = self.detector.roi_heads
+        heads.focal_gamma = self.unsup_focal_gamma
+        try:
+            unsup = self.detector(unl_images, unl_targets)
+        finally:
+            heads.focal_gamma = 0.0
         return sup, unsup
 
 
@@ -383,7 +391,8 @@ class MeanTeacher(StudentTeacherRunner):
             d = finish(host)
             out = {M.KL_GT_PL: float(d["kl_gt_pl"])} if "kl_gt_pl" in d else {}
             for group, key in ((M.PR, "pr"), (M.MU, "mu"), (M.MU_SAMPLED, "mu_sampled"), (M.BANK_LABELED, "bank_labeled"),
-                               (M.BANK_PSEUDO, "bank_pseudo"), (M.PL_HIST, "pl_hist")):
+                               (M.BANK_PSEUDO, "bank_pseudo"), (M.PL_HIST, "pl_hist"),
+                               (M.PASTED_LABELED, "pasted_labeled"), (M.PASTED_PSEUDO, "pasted_pseudo")):
                 out |= {M.class_key(group, name): float(v) for name, v in zip(self.class_names, d[key].tolist())}
             return out
 
@@ -421,6 +430,7 @@ class MeanTeacher(StudentTeacherRunner):
         if saved["recall"]["history"].shape == self.acrst.recall.history.shape:
             self.acrst.recall.load_state_dict(saved["recall"])
             self.acrst.pl_counts.copy_(saved["pl_counts"])
+            self.acrst.pasted_counts[:] = np.asarray(saved.get("pasted_counts", 0))
             return "CropBank and Pseudo Recall"
         return "CropBank (Pseudo Recall starts empty: another acrst.pr_window)"
 

@@ -83,13 +83,23 @@ class WeightedRPN(RegionProposalNetwork):
         return objectness_loss, box_loss
 
 
-def weighted_fastrcnn_loss(class_logits, box_regression, labels, regression_targets, weights):
+def focal_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Softmax focal loss, mean over the rows: (1 - p_y)^gamma * CE (Unbiased Teacher's RoI classification
+    loss on pseudo-labels, gamma 1.5); gamma 0 is `F.cross_entropy`. logits: Tensor[N, C]; labels: Tensor[N]."""
+    if gamma == 0:
+        return F.cross_entropy(logits, labels)
+    ce = F.cross_entropy(logits.float(), labels, reduction="none")
+    return ((1 - torch.exp(-ce)) ** gamma * ce).mean()
+
+
+def weighted_fastrcnn_loss(class_logits, box_regression, labels, regression_targets, weights, focal_gamma=0.0):
     """torchvision's fastrcnn_loss with a regression weight per sampled proposal (list of Tensor[S_i]),
-    on a mask of the positive proposals instead of their indices (no host read)."""
+    on a mask of the positive proposals instead of their indices (no host read); the classification term
+    is the focal loss when `focal_gamma` > 0."""
     labels = torch.cat(labels, dim=0)
     regression_targets = torch.cat(regression_targets, dim=0)
     weights = torch.cat(weights, dim=0)
-    classification_loss = F.cross_entropy(class_logits, labels)
+    classification_loss = focal_cross_entropy(class_logits, labels, focal_gamma)
     n, _ = class_logits.shape
     box_regression = box_regression.reshape(n, box_regression.size(-1) // 4, 4)
     own_class = box_regression[torch.arange(n, device=labels.device), labels]  # Tensor[n, 4]
@@ -99,6 +109,11 @@ def weighted_fastrcnn_loss(class_logits, box_regression, labels, regression_targ
 
 
 class WeightedRoIHeads(RoIHeads):
+    """`focal_gamma` (set per forward by the caller, 0 by default): the focal loss for the RoI
+    classification term (the Mean Teacher runner sets it for the unlabeled images' forward)."""
+
+    focal_gamma = 0.0
+
     def forward(self, features, proposals, image_shapes, targets=None):
         if not self.training or self.has_mask() or self.has_keypoint():
             return super().forward(features, proposals, image_shapes, targets)
@@ -113,7 +128,7 @@ class WeightedRoIHeads(RoIHeads):
         box_features = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
         class_logits, box_regression = self.box_predictor(box_features)
         loss_classifier, loss_box_reg = weighted_fastrcnn_loss(class_logits, box_regression, labels,
-                                                               regression_targets, weights)
+                                                               regression_targets, weights, self.focal_gamma)
         return [], {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg}
 
 
