@@ -346,6 +346,10 @@ def _summary(run_dir: Path, logs: RunLogs, figures: list[str], notes: list[str],
         for e in logs.evals:
             lines.append(f"| {e['step']} | {e['model']} | {e.get('stage', '')} | {e['AP']:.2f} | {e['AP50']:.2f} | "
                          f"{e.get('voc_AP50', float('nan')):.2f} |")
+        base = (logs.final or {}).get("supervised_same_steps")
+        if base:  # eval.supervised_branch: supervised training alone for the same steps (RUN_DIR/supervised)
+            lines.append(f"| {base['step']} | student | supervised, same steps (branch) | {base['AP']:.2f} | "
+                         f"{base['AP50']:.2f} | {base.get('voc_AP50', float('nan')):.2f} |")
         lines.append("")
     if last_eval and last_eval.get("AP_per_class"):
         freq = dict(zip(logs.stats["classes"], logs.stats["labeled_class_counts"])) if logs.stats else {}
@@ -375,12 +379,15 @@ def _pseudo_per_class(logs: RunLogs) -> list[str]:
             tp, n_pl, n_gt = (sum(r[k] for r in recs) for k in keys)
             precision = f"{tp / n_pl:.3f}" if n_pl else "-"
             recall = f"{tp / n_gt:.3f}" if n_gt else "-"
-            rows.append(f"| {name} | {freq[name]} | {n_pl / len(recs):.2f} | {precision} | {recall} |")
+            pasted = [logs.train[-1].get(M.class_key(g, name)) for g in (M.PASTED_LABELED, M.PASTED_PSEUDO)]
+            pasted_text = " / ".join(f"{v:.0f}" for v in pasted) if None not in pasted else "-"
+            rows.append(f"| {name} | {freq[name]} | {n_pl / len(recs):.2f} | {precision} | {recall} | {pasted_text} |")
     if not rows:
         return []
     return ["## Pseudo-labels per class (hidden ground truth, IoU 0.5, all logged mutual steps)", "",
-            "| class | labeled boxes | pseudo-labels per step | precision | recall |", "| --- | --- | --- | --- | --- |",
-            *rows, ""]
+            "Rarest classes last; pasted: instances FBR pasted from the Labeled / Pseudo bank (did AFFR reach them?).",
+            "", "| class | labeled boxes | pseudo-labels per step | precision | recall | pasted (Labeled / Pseudo) |",
+            "| --- | --- | --- | --- | --- | --- |", *rows, ""]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,6 +43,8 @@ MEAN_TEACHER = ["acrst.fbr=false", "acrst.selective_supervision=false", "ssmll.f
 FBR, AFFR, SS, TWO_STAGE = (["acrst.fbr=true", "acrst.beta=0"], ["acrst.fbr=true", "acrst.beta=0.6"],
                             ["acrst.selective_supervision=true"], ["ssmll.filter=two_stage"])
 SUPERVISED = "@supervised"  # this row's branch keeps pre-training to the end: no mutual learning
+RATIO_4 = "@unlabeled_4x"  # solver.batch_unlabeled = 4 x the config's batch_labeled (SoftTeacher's 4:1)
+FOCAL = ["mean_teacher.unsup_focal_gamma=1.5"]  # Unbiased Teacher's focal RoI classification on unlabeled images
 ROWS = {
     "sup": ("supervised continuation", MEAN_TEACHER + [SUPERVISED]),
     "mt": ("Mean Teacher", MEAN_TEACHER),
@@ -52,8 +54,12 @@ ROWS = {
     "ts": ("+ Two-stage", MEAN_TEACHER + TWO_STAGE),
     "affr_ts": ("+ FBR + AFFR + Two-stage", MEAN_TEACHER + AFFR + TWO_STAGE),
     "all": ("+ FBR + AFFR + Two-stage + SS", MEAN_TEACHER + AFFR + TWO_STAGE + SS),
+    # the recipe switches of short schedules (README, "Recipe switches")
+    "mt_focal": ("Mean Teacher, focal 1.5", MEAN_TEACHER + FOCAL),
+    "ss_focal": ("+ FBR + AFFR + SS, focal 1.5", MEAN_TEACHER + AFFR + SS + FOCAL),
+    "mt_4to1": ("Mean Teacher, 4:1 unlabeled", MEAN_TEACHER + [RATIO_4]),
 }
-ACRST_ROWS = ("fbr", "affr", "ss", "affr_ts", "all")  # compared with Mean Teacher too
+ACRST_ROWS = ("fbr", "affr", "ss", "affr_ts", "all", "ss_focal")  # compared with Mean Teacher too
 
 
 # ------------------------------------------------------------------------------------------------
@@ -193,6 +199,7 @@ def train_row(args, out: Path, row: str, seed: int, start: Path, timing: dict) -
     label, extra = ROWS[row]
     end = args.burn_in + args.mutual
     extra = [f"solver.pretrain_steps={end}" if e == SUPERVISED else e for e in extra]
+    extra = [f"solver.batch_unlabeled={4 * args.batch_labeled}" if e == RATIO_4 else e for e in extra]
     if SUPERVISED not in ROWS[row][1]:
         extra = [*extra, f"solver.pretrain_steps={args.burn_in}"]
     if "ssmll.filter=two_stage" in extra:
@@ -255,14 +262,17 @@ def visibility_lines(out: Path, rows: list[str], seeds: int, branch_step: int, r
 
 
 def compute_lines(timing: dict, rows: list[str], seeds: int) -> list[str]:
-    burn = [timing.get(f"burn_in/seed{s}") for s in range(seeds)]
-    if any(b is None for b in burn):
-        return ["compute: the burn-ins' times are not in timing.json (trained by an older ablate.py)"]
+    """What sharing the burn-in saved: each row after the first would otherwise train its own."""
+    burn = [timing[f"burn_in/seed{s}"] for s in range(seeds) if f"burn_in/seed{s}" in timing]
+    if not burn:
+        return ["compute: no burn-in time in timing.json (trained by an older ablate.py)"]
+    per_seed = statistics.fmean(burn)
     branches = sum(timing.get(f"{r}/seed{s}", 0.0) for r in rows for s in range(seeds))
-    saved = sum(burn) * (len(rows) - 1)
-    return [f"compute: burn-in {statistics.fmean(burn):.0f} s per seed, trained once and shared by {len(rows)} rows: "
-            f"{saved:.0f} s saved ({saved / (saved + sum(burn) + branches):.0%} of what unshared burn-ins would cost); "
-            f"branches {branches:.0f} s in all"]
+    saved = per_seed * seeds * (len(rows) - 1)
+    timed = f" (timed on {len(burn)} of the {seeds} seeds)" if len(burn) < seeds else ""
+    return [f"compute: burn-in {per_seed:.0f} s per seed{timed}, trained once and shared by {len(rows)} rows: "
+            f"{saved:.0f} s saved ({saved / (saved + per_seed * seeds + branches):.0%} of what unshared burn-ins "
+            f"would cost); branches {branches:.0f} s in all"]
 
 
 def labeled_class_counts(run_dir: Path) -> dict[str, int]:
@@ -283,6 +293,9 @@ def main() -> None:
     ap.add_argument("--rare", type=int, default=2, help="how many of the rarest classes to show")
     ap.add_argument("--ssmll", default="", help="an SSMLL classifier file for the two-stage rows (default: one "
                                                   "trained per seed)")
+    ap.add_argument("--train-seed", type=int, default=None, metavar="S",
+                    help="train seed S's burn-in and rows only, and print nothing: seeds can then train in parallel "
+                         "processes (e.g. OMP_NUM_THREADS=1 each); a run without it prints the table")
     ap.add_argument("overrides", nargs="*", help="KEY=VALUE applied to every run (e.g. solver.lr_steps=[900])")
     args = ap.parse_args()
     from acrst_fast.config import load_config
@@ -291,16 +304,21 @@ def main() -> None:
     args.burn_in = args.burn_in or solver.pretrain_steps
     args.mutual = args.mutual or solver.total_steps - solver.pretrain_steps
     args.eval_period = args.eval_period or max(1, args.burn_in // 4)
+    args.batch_labeled = solver.batch_labeled
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    timing_file = out / "timing.json"
-    timing = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
     results: dict[str, list[dict]] = {row: [] for row in args.rows}
-    for seed in range(args.seeds):
+    for seed in range(args.seeds) if args.train_seed is None else [args.train_seed]:
+        timing_file = out / f"timing_seed{seed}.json"  # one file per seed: parallel --train-seed processes
+        timing = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
         start = burn_in(args, out, seed, timing)
+        timing_file.write_text(json.dumps(timing, indent=1))
         for row in args.rows:
             results[row].append(train_row(args, out, row, seed, start, timing))
             timing_file.write_text(json.dumps(timing, indent=1))
+    if args.train_seed is not None:
+        return
+    timing = {k: v for f in sorted(out.glob("timing_seed*.json")) for k, v in json.loads(f.read_text()).items()}
     counts = labeled_class_counts(out / "burn_in" / "seed0")
     rare = sorted(counts, key=counts.get)[: args.rare]
     curves = {s: burn_in_curve(out / "burn_in" / f"seed{s}") for s in range(args.seeds)}

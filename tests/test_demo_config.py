@@ -24,12 +24,17 @@ def test_demo_config_smoke(tmp_path, cpu_env):
          "ssmll.batch_labeled=2", "ssmll.batch_unlabeled=2", "ssmll.checkpoint_period=2"],
         env=cpu_env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "supervised (pre-training)" in proc.stdout and "mean teacher: teacher" in proc.stdout
+    assert "supervised (end of burn-in)" in proc.stdout and "mean teacher: teacher" in proc.stdout
+    # the supervised baseline at equal steps: a branch of the burn-in, beside the semi-supervised result
+    assert "supervised, same steps" in proc.stdout and "teacher - supervised at step 4" in proc.stdout
+    baseline = json.loads((run / "supervised" / "final_metrics.json").read_text())
+    assert baseline["supervised"]["step"] == 4 and baseline["teacher"] is None
     assert "neg accuracy" in proc.stdout and (run / "ssmll" / "ssmll_teacher.pt").is_file()  # its SSMLL stage ran
     records = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     mutual = [r for r in records if r.get("kind") == "train" and r.get("phase") == "mutual"]
     assert mutual and all("pseudo/stage1/num_pseudo" in r and "unsup/loss_box_reg" in r for r in mutual)  # full method
     summary = json.loads((run / "final_metrics.json").read_text())
+    assert summary["supervised_same_steps"] == baseline["supervised"]
     assert summary["classes"] == ["circle", "square", "triangle", "cross", "ring", "diamond"]
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     assert (run / "config.yaml").is_file()
