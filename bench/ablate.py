@@ -60,6 +60,7 @@ ROWS = {
     "mt_4to1": ("Mean Teacher, 4:1 unlabeled", MEAN_TEACHER + [RATIO_4]),
 }
 ACRST_ROWS = ("fbr", "affr", "ss", "affr_ts", "all", "ss_focal")  # compared with Mean Teacher too
+VARIANT_OF = {"mt_focal": "mt", "ss_focal": "ss", "mt_4to1": "mt"}  # a recipe switch against the row it changes
 
 
 # ------------------------------------------------------------------------------------------------
@@ -100,10 +101,12 @@ def row_values(runs: list[dict], rare: list[str]) -> dict[str, list[float]]:
 
 def comparisons(results: dict[str, list[dict]], rare: list[str]) -> list[tuple[str, str, str, float, float, list]]:
     """(row, baseline, metric, mean, std, per-seed differences) of every row against the supervised
-    continuation, and of every ACRST row against Mean Teacher, for AP and each rare class's AP."""
+    continuation, of every ACRST row against Mean Teacher, and of every recipe switch against the row it
+    changes (VARIANT_OF), for AP and each rare class's AP."""
     values = {row: row_values(runs, rare) for row, runs in results.items()}
     pairs = [(row, "sup") for row in results if row != "sup" and "sup" in results]
     pairs += [(row, "mt") for row in results if row in ACRST_ROWS and "mt" in results]
+    pairs += [(row, VARIANT_OF[row]) for row in results if VARIANT_OF.get(row) in results]
     out = []
     for row, base in pairs:
         for metric in ["AP", *rare]:
@@ -271,8 +274,8 @@ def compute_lines(timing: dict, rows: list[str], seeds: int) -> list[str]:
     saved = per_seed * seeds * (len(rows) - 1)
     timed = f" (timed on {len(burn)} of the {seeds} seeds)" if len(burn) < seeds else ""
     return [f"compute: burn-in {per_seed:.0f} s per seed{timed}, trained once and shared by {len(rows)} rows: "
-            f"{saved:.0f} s saved ({saved / (saved + per_seed * seeds + branches):.0%} of what unshared burn-ins "
-            f"would cost); branches {branches:.0f} s in all"]
+            f"{saved:.0f} s saved, {saved / (saved + per_seed * seeds + branches):.0%} of what the ablation would cost "
+            f"with a burn-in per row; branches {branches:.0f} s in all"]
 
 
 def labeled_class_counts(run_dir: Path) -> dict[str, int]:

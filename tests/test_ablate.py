@@ -52,6 +52,8 @@ def test_comparisons_against_supervised_and_mean_teacher():
     assert d == [1.0, 0.0, -1.0] and m == pytest.approx(0.0) and s == pytest.approx(1.0)
     m, s, d = got[("affr", "mt", "r")]
     assert d == [9.0, 0.0, 18.0] and m == pytest.approx(9.0) and s == pytest.approx(9.0)  # not beyond: no claim
+    switched = ablate.comparisons({**RESULTS, "mt_focal": RESULTS["affr"]}, ["r"])
+    assert ("mt_focal", "mt", "AP") in {(row, base, metric) for row, base, metric, *_ in switched}
     lines = ablate.paired_table(RESULTS, ["r"])
     assert any("Mean Teacher - supervised continuation" in ln and "+3.33 ±  0.58" in ln and ln.endswith("higher")
                for ln in lines)
