@@ -634,7 +634,6 @@ def check_paths(cfg: Config, source: str) -> None:
         ("model.backbone_weights", _local(m.backbone_weights), "file"), ("model.weights", m.weights, "file"),
         ("ssmll.backbone_weights", _local(cfg.ssmll.backbone_weights), "file"),
         ("ssmll.checkpoint", cfg.ssmll.checkpoint if cfg.ssmll.filter != "single" else "", "file"),
-        ("run.branch_from", cfg.run.branch_from, "file"),
     ]
     for key, value, kind in checks:
         if not value:

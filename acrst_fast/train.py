@@ -107,11 +107,14 @@ def _branch_of_killed_run(cfg: Config, resume: bool) -> Config:
     return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, branch_from=source)) if source else cfg
 
 
-def _check_branch(cfg: Config, source: str, resume_from: str | None) -> None:
+def _check_branch(cfg: Config, source: str, resume: bool, resume_from: str | None) -> None:
+    """--resume-from and a branch exclude each other; the branch's checkpoint must exist when the run starts
+    from it (a branch resumed from its own checkpoints no longer needs it)."""
     if cfg.run.branch_from and resume_from:
         raise ConfigError(f"{source}: --resume-from continues this run, --branch-from (run.branch_from) starts a new "
                           "one from another run's checkpoint: give one of them")
-    if cfg.run.branch_from and not Path(cfg.run.branch_from).is_file():
+    resumes_own = resume and ckpt.list_checkpoints(cfg.run.output_dir)
+    if cfg.run.branch_from and not resumes_own and not Path(cfg.run.branch_from).is_file():
         raise ConfigError(f"{source}: key 'run.branch_from': file not found: {cfg.run.branch_from}")
 
 
@@ -167,7 +170,7 @@ def run(cfg: Config, source: str, resume: bool, info: dist.DistInfo, resume_from
     run_dir = Path(cfg.run.output_dir)
     echo = (lambda msg: print(msg, flush=True)) if info.is_main else (lambda msg: None)
     cfg = _branch_of_killed_run(cfg, resume)
-    _check_branch(cfg, source, resume_from)
+    _check_branch(cfg, source, resume, resume_from)
     on_main(lambda: (_prepare_run_dir(cfg, source, resume, resume_from), fetch_pretrained(cfg)))
     cfg = with_classifier(cfg, source, resume or bool(resume_from), info)  # the SSMLL stage, when it is needed
     data_cfg, datasets = _load_data(cfg, source)

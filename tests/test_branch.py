@@ -73,6 +73,9 @@ def test_branch_same_seed_is_bit_identical_other_seed_differs(tmp_path, tiny_dem
     assert part["bank_fill_start"] == 0 and src_bank["seen"][0].sum() > 0
     assert 0 < (bank["seen"][0] - src_bank["seen"][0]).sum() < src_bank["seen"][0].sum()
     assert bank["seen"][1].sum() > 0  # the Pseudo bank filled during the branch's mutual steps
+    # a branch that resumes from its own checkpoints no longer needs its source
+    proc = _run(_train_cmd(tmp_path / "a.yaml", "--branch-from", str(tmp_path / "gone.pt"), "--resume"), cpu_env)
+    assert "[resume]" in proc.stdout
 
 
 def test_branch_without_bank_fills_labeled_bank(tmp_path, tiny_demo, burn_in, cpu_env):

@@ -24,6 +24,7 @@ from acrst_fast.augment.host import to_host
 from acrst_fast.engine import checkpoint as ckpt
 from acrst_fast.engine.outputs import PHASE_MUTUAL, Deferred, StepOutput, resolve_deferred
 from acrst_fast.engine.trainer import HookBase, Trainer
+from acrst_fast.models.detector import in_burn_in
 from acrst_fast.safe_io import atomic_write_text
 from acrst_fast.streams import Stream, sample_seed
 
@@ -355,8 +356,7 @@ def branch(trainer: Trainer, path: Path, state: dict, info, config: dict, seed: 
     trainer.step = step
     trainer.storage["eval_history"] = [e for e in state.get("storage", {}).get("eval_history", [])
                                        if e.get("step", 0) <= step]
-    source_pretrain = state.get("config", {}).get("solver", {}).get("pretrain_steps", step)
-    if step <= int(source_pretrain):
+    if in_burn_in(state):
         trainer.runner.ema.reset(trainer.runner.student)
     ckpt.seed_all(sample_seed(seed, Stream.BRANCH_GLOBAL, step * info.world + info.rank))
     taken = ""

@@ -425,13 +425,11 @@ class MeanTeacher(StudentTeacherRunner):
         if saved is None or tuple(saved["bank"]["shape"]) != (bank.num_classes, bank.capacity, bank.crop_size):
             self.start_bank_at(step)
             return f"CropBank empty, the Labeled bank fills during steps {step + 1}-{step + self.labeled_bank_steps}"
+        if saved["recall"]["history"].shape == self.acrst.recall.history.shape:
+            self.load_rank_state_dict(state)
+            return "CropBank and Pseudo Recall"
         self.acrst.bank.load_state_dict(saved["bank"])
         self.bank_fill_start = int(state.get("bank_fill_start", 0))
-        if saved["recall"]["history"].shape == self.acrst.recall.history.shape:
-            self.acrst.recall.load_state_dict(saved["recall"])
-            self.acrst.pl_counts.copy_(saved["pl_counts"])
-            self.acrst.pasted_counts[:] = np.asarray(saved.get("pasted_counts", 0))
-            return "CropBank and Pseudo Recall"
         return "CropBank (Pseudo Recall starts empty: another acrst.pr_window)"
 
     def start_bank_at(self, step: int) -> None:

@@ -73,15 +73,19 @@ def _safe_load(path: Path):
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def checkpoint_weights(obj: dict) -> tuple[dict, str]:
-    """The detector weights inside an acrst_fast checkpoint (`Trainer.state_dict()`): its teacher, or its
-    student when the checkpoint is at or before the end of its run's burn-in (the teacher is then still
-    the copy made at construction; mutual learning starts by copying the student). Returns (state
-    dict, which one)."""
-    runner, step = obj["runner"], int(obj.get("step", 0))
+def in_burn_in(obj: dict) -> bool:
+    """Whether an acrst_fast checkpoint (`Trainer.state_dict()` with its run's config) is at or before the end
+    of its run's burn-in: its teacher is then still the copy made at construction (mutual learning starts
+    by copying the student into it)."""
     pretrain = (obj.get("config") or {}).get("solver", {}).get("pretrain_steps")
-    in_burn_in = pretrain is not None and step <= int(pretrain)
-    if isinstance(runner.get("teacher"), dict) and not in_burn_in:
+    return pretrain is not None and int(obj.get("step", 0)) <= int(pretrain)
+
+
+def checkpoint_weights(obj: dict) -> tuple[dict, str]:
+    """The detector weights inside an acrst_fast checkpoint: its teacher, or its student when the checkpoint
+    is `in_burn_in`. Returns (state dict, which one)."""
+    runner = obj["runner"]
+    if isinstance(runner.get("teacher"), dict) and not in_burn_in(obj):
         return runner["teacher"], "teacher"
     return runner["student"], "student"
 
