@@ -24,6 +24,8 @@ import yaml
 
 from acrst_fast.augment.cropbank import SOURCES as BANK_SOURCES
 from acrst_fast.engine.amp import AMP_MODES
+
+PHOTOMETRIC_MODES = ("auto", "batch", "per_image")  # augment.batched_photometric
 from acrst_fast.pseudo_labels import MODES as FILTER_MODES
 
 BACKBONES = ("resnet50", "resnet18", "mobilenet_v2")  # model.backbone, ssmll.backbone (models/ build them)
@@ -90,6 +92,9 @@ class AugmentConfig:
     photometric_after_paste: bool = True  # the student's strong view: geometry, crop-paste, then the photometric
     # ops below (paper: pasted instances get the strong augmentation); false = the old order (photometric in the
     # data stage, then paste)
+    # those ops over the step's images as one padded batch (data/photometric_batch.py: fewer launches, more work):
+    # auto = batch on CUDA, per_image elsewhere; batch; per_image (the reference; faster on the CPU)
+    batched_photometric: str = "auto"
     jitter_prob: float = 0.8
     jitter: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.4, 0.1])  # brightness, contrast, saturation, hue
     grayscale_prob: float = 0.2
@@ -120,6 +125,13 @@ class ModelConfig:
     box_batch_size_per_image: int = 512
     roi_sampling_ratio: int = 2  # RoIAlign samples per bin side; 1 is ~4x cheaper (its CPU backward is slow)
     box_score_thresh: float = 0.05
+    # the RPN's proposal filter and the detections over the whole batch (models/batched_rpn.py,
+    # batched_detections.py: the NMS kernel on CUDA, one host read per call); false = torchvision's per-image code
+    # (the reference; the same proposals and detections)
+    batched_nms: bool = True
+    # the RPN and RoI samplers by random keys on the device (models/weighted_heads.py KeySampler: torchvision's
+    # counts and distribution, other draws, no host read); false = torchvision's randperm sampler
+    key_sampler: bool = True
     box_detections_per_img: int = 100
 
 
@@ -159,6 +171,9 @@ class MeanTeacherConfig:
     # the unlabeled images' RoI classification: 0 = cross-entropy (the paper), > 0 = focal loss with this gamma
     # (Unbiased Teacher: 1.5; with cross-entropy at lambda 4 every object below tau_cls trains as background)
     unsup_focal_gamma: float = 0.0
+    # one student forward over labeled and unlabeled images together, each group's losses normalised as in
+    # two forwards (StudentLosses); false: a forward per group (the reference path)
+    joint_forward: bool = True
 
 
 @dataclass(frozen=True)
@@ -523,6 +538,7 @@ def _check_augment(c: _Checks, cfg: Config) -> None:
     c.within("augment.jitter (hue)", a.jitter[3], 0.0, 0.5)
     c.need(len(a.blur_sigma) == 2 and 0 < a.blur_sigma[0] <= a.blur_sigma[1], "augment.blur_sigma",
            f"must be [min, max] with 0 < min <= max; got {a.blur_sigma}")
+    c.one_of("augment.batched_photometric", a.batched_photometric, PHOTOMETRIC_MODES)
     c.need(all(len(c) == 3 and 0 <= c[0] <= 1 and 0 < c[1] <= c[2] < 1 for c in a.cutout), "augment.cutout",
            f"entries must be [prob in [0, 1], min_area, max_area] with 0 < min_area <= max_area < 1; got {a.cutout}")
 

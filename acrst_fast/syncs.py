@@ -5,13 +5,16 @@ nothing synchronises, so `SyncCounter` counts the calls that *would* synchronise
 
     .item(), .tolist(), .cpu(), .numpy(), bool()/int()/float() of a tensor      (method patches)
     nonzero, unique, masked_select, indexing with a boolean mask, repeat_interleave with
-    tensor repeats, index_put_ with a boolean mask                              (dispatch mode)
+    tensor repeats, index_put_ with a boolean mask, torchvision's nms           (dispatch mode)
 
 Each call is charged to the innermost frame outside torch's own Python: a line of the project
 (`acrst_fast/`, `kernels/`) or of a library (torchvision, ...). Conservative on the CPU: a call on
 a tensor that would live on the host in a CUDA run counts too, unless the tensor is marked as
 host data by design (`acrst_fast.augment.host.mark_host`: random draws, data-loader targets,
-collective packets of CPU values); other host bookkeeping is kept in NumPy, which is not counted.
+collective packets of CPU values); other host bookkeeping is kept in NumPy, which is not counted. Code
+that only a CPU run takes, where the CUDA run takes a path without reads (`off_cuda_path()`: the
+reference NMS of `kernels/nms.py`), is not counted either. While counting, `torch.inference_mode` runs as
+`torch.no_grad` (a dispatch mode sees no op under inference mode, so the teacher's forward went uncounted).
 
     with SyncCounter() as syncs:
         runner.run_step(step)
@@ -23,6 +26,7 @@ import os
 import sys
 import warnings
 from collections import Counter
+from contextlib import contextmanager
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -36,6 +40,12 @@ _aten = torch.ops.aten
 _DATA_DEPENDENT = {_aten.nonzero.default, _aten.masked_select.default, _aten._unique2.default,
                    _aten.unique_dim.default, _aten.unique_consecutive.default, _aten.repeat_interleave.Tensor}
 _INDEX = {_aten.index.Tensor, _aten.index_put_.default, _aten.index_put.default}
+try:  # torchvision's NMS: its output size is read back (on CUDA its kernel copies the mask to the host)
+    import torchvision  # noqa: F401 - registers torch.ops.torchvision
+
+    _DATA_DEPENDENT.add(torch.ops.torchvision.nms.default)
+except (ImportError, AttributeError, RuntimeError):
+    pass
 
 
 def _site() -> tuple[str, bool]:
@@ -51,6 +61,20 @@ def _site() -> tuple[str, bool]:
     return "<torch>", False
 
 
+_OFF_CUDA = [0]  # > 0 inside `off_cuda_path()`
+
+
+@contextmanager
+def off_cuda_path():
+    """Code that runs only where the device is the host (the CPU path of a kernel whose CUDA path reads
+    nothing, e.g. `kernels.nms.nms_segments`): its reads are not counted, since no CUDA run makes them."""
+    _OFF_CUDA[0] += 1
+    try:
+        yield
+    finally:
+        _OFF_CUDA[0] -= 1
+
+
 class SyncCounter(TorchDispatchMode):
     """Counts would-be synchronisations while active (see the module doc)."""
 
@@ -62,7 +86,7 @@ class SyncCounter(TorchDispatchMode):
         self._busy = False
 
     def _charge(self) -> None:
-        if self._busy:  # a counted call made by another counted call (e.g. tolist inside numpy)
+        if self._busy or _OFF_CUDA[0]:  # a call inside another counted call (e.g. tolist inside numpy); off CUDA
             return
         site, project = _site()
         self.sites[site] += 1
@@ -71,6 +95,9 @@ class SyncCounter(TorchDispatchMode):
 
     def __enter__(self):
         counter = self
+        # a dispatch mode sees no op under torch.inference_mode (the teacher's forward): count it as no_grad
+        self._inference_mode = torch.inference_mode
+        torch.inference_mode = lambda mode=True: torch.no_grad() if mode else torch.enable_grad()
         for name in _METHODS:
             original = getattr(torch.Tensor, name)
             self._saved[name] = original
@@ -88,6 +115,7 @@ class SyncCounter(TorchDispatchMode):
         return super().__enter__()
 
     def __exit__(self, *exc):
+        torch.inference_mode = self._inference_mode
         for name, original in self._saved.items():
             setattr(torch.Tensor, name, original)
         self._saved.clear()

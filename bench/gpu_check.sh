@@ -15,15 +15,19 @@
 # torch download eats into the budget and the last steps are then skipped (they are ordered by value). Steps, each time-boxed, a
 # failing one does not stop the others:
 #   1 install the project (builds acrst_fast._C) with the dali extra; print versions
+#   1b the paper-config step bench (bench/train_step.py --paper: R50-FPN frozen BN, 4 + 4 COCO photos at
+#     800 x ~1200, top-n 1000/1000, 512 RoIs, bf16, channels-last) beside torchvision's stock
+#     fasterrcnn_resnet50_fpn supervised step on the same 8 images and the FLOP floor
 #   2 every CUDA test (pytest -m cuda): Triton kernel vs reference, DALI mixed-decode views vs the fallback,
 #     training end to end on CUDA (ACRST + bf16, torch and DALI stages), the trainer's collectives under NCCL
 #     (torchrun --nproc_per_node=1 with ACRST_DIST_FORCE=1: NCCL refuses CPU tensors)
-#   3 benches on CUDA, small repeats: crop_paste, ema, train_step (demo), pipeline (DALI vs fallback)
+#   3 benches on CUDA, small repeats: crop_paste, ema (fused vs reference vs copy), photometric (batched vs
+#     per image), train_step (demo), pipeline (DALI vs fallback)
 #   4 probes (python below): box quantisation under bf16 autocast (expect 0.00 bf16-representable);
 #     CropBank duplicate-slot writes on CUDA (expect consistent); bench/syncs.py: host-device syncs of
-#     one mutual step by source line (torch.cuda.set_sync_debug_mode; expect <= 8 in project code)
-#   5 train_step at per-rank paper scale (R50-FPN, 800 px, 4 + 4 images); Triton kernel at
-#     32x3x800x1333 (kernel-only time from the profiler vs the call)
+#     one mutual step by source line (torch.cuda.set_sync_debug_mode; expect <= 16 in all, torchvision's
+#     included: the CPU count is 11 at 2 + 2 and at 8 + 8)
+#   5 Triton kernel at 32x3x800x1333 (kernel-only time from the profiler vs the call)
 #   6 the whole test suite as a GPU box runs it (interpreter cases skipped, CUDA cases run)
 # Logs: $OUT/gpu_check/*.log if $OUT is set, else /tmp/gpu_check_logs. A summary is printed at the end.
 set -u
@@ -324,6 +328,11 @@ if __name__ == "__main__":
             print(f"probe {name} FAILED:\n{traceback.format_exc()}", flush=True)
 PROBE_EOF
 
+# ---------- 1b the paper-config step, the stock torchvision step, the floor (first: the table the GPU is for)
+PAPER_SCALE=(); [ "$DEV" = cpu ] && PAPER_SCALE=(--scale 256)  # a CPU dry run at a small scale
+TAIL=30 run bench_train_step_paper 240 "$PY" bench/train_step.py --paper "${PAPER_SCALE[@]}" --steps 5 --warmup 2 \
+    run.device="$DEV" data.num_workers=4
+
 # ---------- 2 GPU tests: every test marked cuda
 HAS_DALI=$("$PY" -c 'import nvidia.dali' >/dev/null 2>&1 && echo 1 || echo 0)
 NOT_DALI=(); [ "$HAS_DALI" = 1 ] || NOT_DALI=(-k "not dali")  # the DALI cases need the package, not only the GPU
@@ -334,6 +343,7 @@ TAIL=25 run test_cuda_e2e 200 "$PY" -m pytest -q -p no:cacheprovider -rfEs -m cu
 # ---------- 3 benches (CUDA, small repeat counts)
 TAIL=8 run bench_crop_paste 90 "$PY" bench/crop_paste.py --device "$DEV" --batch 16 --repeat 5
 TAIL=6 run bench_ema 60 "$PY" bench/ema.py --device "$DEV" --repeat 5
+TAIL=6 run bench_photometric 60 "$PY" bench/photometric.py --device "$DEV" --repeat 5
 TAIL=8 run probe_triton_b32 120 "$PY" "$WORK/probe.py" triton  # the Triton kernel at paper scale
 # options go before the positionals: argparse rejects CONFIG --steps N KEY=VALUE (overrides after an option)
 TAIL=16 run bench_train_step_demo 120 "$PY" bench/train_step.py --steps 3 --warmup 1 configs/demo.yaml \
@@ -352,13 +362,7 @@ TAIL=20 run probe_bf16_bank 90 "$PY" "$WORK/probe.py" bf16 bank
 TAIL=30 run syncs 150 "$PY" bench/syncs.py configs/demo.yaml 'model.backbone_weights=""' run.device="$DEV" \
     acrst.fbr=true acrst.selective_supervision=true mean_teacher.tau_cls=0.0 model.box_detections_per_img=20
 
-# ---------- 5 paper scale, Triton at batch 32
-TAIL=16 run bench_train_step_paper_scale 150 "$PY" bench/train_step.py --steps 3 --warmup 1 configs/demo.yaml \
-    run.device="$DEV" model.backbone=resnet50 'model.backbone_weights=""' model.fpn_channels=256 \
-    model.representation_size=1024 'model.anchor_sizes=[32,64,128,256,512]' model.rpn_pre_nms_top_n_train=2000 \
-    model.rpn_post_nms_top_n_train=2000 model.rpn_batch_size_per_image=256 model.box_batch_size_per_image=512 \
-    model.roi_sampling_ratio=2 'augment.scales=[800]' augment.max_size=1333 solver.batch_labeled=4 \
-    solver.batch_unlabeled=4 data.num_workers=4
+# ---------- 5 Triton at batch 32 (ran in step 3: probe_triton_b32)
 # ---------- 6 the suite as a GPU box runs it (fast tests; the multi-process ones ran above or in CI)
 [ "${FULL_SUITE:-1}" = 1 ] && TAIL=14 run test_suite_gpu_box 150 "$PY" -m pytest -q -p no:cacheprovider -rfE -m "not slow" tests
 

@@ -24,7 +24,7 @@ from _timing import timing_classifier
 from acrst_fast import dist
 from acrst_fast.config import load_config
 from acrst_fast.data.build import load_datasets, prepare_data, resolved_data
-from acrst_fast.engine.trainer import Trainer
+from acrst_fast.engine.trainer import StepAgreement
 from acrst_fast.syncs import SyncCounter, _site
 from acrst_fast.engine.build import build_runner
 
@@ -51,11 +51,12 @@ def build(config: str, batch: int, overrides: list[str]):
 
 
 def one_step(runner, step: int):
-    """The step as the trainer runs it: step function, stop agreement, EMA."""
-    trainer = Trainer(runner, [], step, step + 1)
+    """The step as the trainer runs it: step function, stop agreement (launched; the trainer reads it one step
+    later, from page-locked memory, after the next step is queued), EMA."""
     out = runner.run_step(step)
-    trainer._agree(out.total)
+    agreement = StepAgreement.launch(step + 1, out, False)
     runner.update_teacher()
+    agreement.read()
     return out
 
 

@@ -19,6 +19,14 @@ if not HAS_CUDA:  # Triton kernels run on CPU tensors under the interpreter
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def seeds(fixed: tuple[int, ...] = (0, 1, 2)) -> list[int]:
+    """Seeds of a randomised test: the fixed ones, and a fresh one when ACRST_FRESH_SEEDS is set (it shows in
+    the test id, so a failure can be rerun)."""
+    import random
+
+    return list(fixed) + ([random.SystemRandom().randrange(2**31)] if os.environ.get("ACRST_FRESH_SEEDS") else [])
+
+
 def cpu_and_cuda(triton: bool = False) -> list:
     """Device parameters for a device-dependent test, as torchvision's tests do: "cpu" and "cuda".
 

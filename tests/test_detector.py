@@ -110,3 +110,34 @@ def test_geometry_left_to_data_stage():
     images, _ = det.transform([torch.rand(3, 70, 90)])
     assert images.image_sizes == [(70, 90)]  # not resized
     assert out[0]["boxes"].shape[1] == 4
+
+
+def test_transform_constants_and_postprocess_equal_torchvision():
+    """Normalising with cached device constants and skipping the ratio-1 box rescale give torchvision's numbers."""
+    from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+    det = build_detector(ModelConfig(backbone="mobilenet_v2", **SMALL), num_classes=2).eval()
+    ref = GeneralizedRCNNTransform(1, 1, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float64):
+        image = torch.rand(3, 37, 51, generator=g, dtype=dtype)
+        assert torch.equal(det.transform.normalize(image), ref.normalize(image))
+    boxes = torch.rand(7, 4, generator=g) * 60
+    out = det.transform.postprocess([{"boxes": boxes.clone()}], [(70, 90)], [(70, 90)])
+    assert torch.equal(out[0]["boxes"], ref.postprocess([{"boxes": boxes.clone()}], [(70, 90)], [(70, 90)])[0]["boxes"])
+    scaled = det.transform.postprocess([{"boxes": boxes.clone()}], [(70, 90)], [(140, 90)])  # another size: rescaled
+    assert torch.equal(scaled[0]["boxes"][:, 1], boxes[:, 1] * 2)
+    with pytest.raises(TypeError, match="floating type"):
+        det.transform.normalize(torch.zeros(3, 4, 4, dtype=torch.uint8))
+
+
+def test_degenerate_target_boxes_refused_as_torchvision_does():
+    det = build_detector(ModelConfig(backbone="mobilenet_v2", **SMALL), num_classes=2).train()
+    images = [torch.rand(3, 64, 64), torch.rand(3, 64, 64)]
+    good = {"boxes": torch.tensor([[1.0, 1, 30, 30]]), "labels": torch.tensor([1])}
+    bad = {"boxes": torch.tensor([[1.0, 1, 30, 30], [5.0, 5, 5, 20]]), "labels": torch.tensor([1, 2])}
+    with pytest.raises(AssertionError, match=r"positive height and width. Found invalid box \[5.0, 5.0, 5.0, 20.0\] "
+                                             r"for target at index 1"):
+        det(images, [good, bad])
+    losses = det(images, [good, {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}])
+    assert all(torch.isfinite(v) for v in losses.values())

@@ -137,3 +137,23 @@ def test_every_ablation_row_shares_the_burn_in(tmp_path, tiny_demo):
             runner.run_step(step)
         students.append(runner.student.state_dict())
     assert all(torch.equal(students[0][k], students[1][k]) for k in students[0])
+
+
+def test_batched_photometric_step_equals_per_image_step(tmp_path, tiny_demo):
+    """augment.batched_photometric=batch (the CUDA default) feeds the student what per_image feeds it, to float
+    rounding, with ACRST pasting into both groups."""
+    seen = {}
+    for mode in ("per_image", "batch"):
+        torch.manual_seed(0)  # the same weights and sampler draws in both runs
+        runner = _runner(tmp_path / mode, tiny_demo, acrst=ACRST_SS,
+                         augment={"batched_photometric": mode, "blur_prob": 1.0, "grayscale_prob": 0.5})
+        runner.pretrain_steps = 0  # the first step is mutual: nothing before it differs between the two runs
+        student = Spy(runner.student_losses)
+        runner.student_losses = student
+        runner.start(0)
+        runner.run_step(0)
+        lab_images, _, unl_images, _ = student.calls[0]
+        seen[mode] = list(lab_images) + list(unl_images)
+    assert len(seen["batch"]) == len(seen["per_image"]) > 2
+    for a, b in zip(seen["batch"], seen["per_image"]):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=0)

@@ -1,5 +1,6 @@
-"""The sync budget: one mutual step (ACRST, selective supervision, pseudo-label metrics) reads the device a
-fixed number of times in project code, whatever the batch size or the number of pseudo-labels."""
+"""The sync budget: one mutual step (ACRST, selective supervision, pseudo-label metrics, the detector) reads the
+device a fixed number of times in all (project code and torchvision's), whatever the batch size or the number
+of pseudo-labels."""
 import os
 import random
 import sys
@@ -13,7 +14,7 @@ from acrst_fast.syncs import SyncCounter
 from conftest import REPO, cpu_and_cuda, tiny_config_dict, write_config
 
 sys.path.insert(0, str(REPO / "bench"))
-BUDGET = 8
+BUDGET = 16  # the whole step: project code and libraries (torchvision 0.29's stock heads: 384 at batch 8 + 8)
 
 
 def test_counter_sees_what_would_synchronise():
@@ -51,9 +52,9 @@ def test_mutual_step_sync_budget_does_not_grow(tmp_path, tiny_demo):
     counts = {}
     for batch in (2, 8):
         runner, step = _runner(tmp_path, tiny_demo, batch)
-        project, _ = count(runner, step, torch.device("cpu"))
-        counts[batch] = sum(project.values())
-        assert counts[batch] <= BUDGET, f"batch {batch}: {dict(project)}"
+        project, library = count(runner, step, torch.device("cpu"))
+        counts[batch] = sum(project.values()) + sum(library.values())
+        assert counts[batch] <= BUDGET, f"batch {batch}: {dict(project + library)}"
         assert runner.last_pseudo_count > 10 * batch  # many pseudo-labels, yet the count does not grow
     assert counts[2] == counts[8], counts
 
@@ -71,3 +72,12 @@ def test_upload_and_histogram_stay_off_the_host(device):
         expect = torch.bincount(labels - 1, minlength=5)[:5].double()
         assert torch.equal(class_histogram(moved, 5).cpu(), expect), f"seed {seed}"
         assert class_histogram(moved, 0).shape == (0,)
+
+
+def test_counter_sees_inside_inference_mode():
+    """The teacher's forward runs under torch.inference_mode, where a dispatch mode sees no op."""
+    x = torch.rand(10)
+    with SyncCounter() as c:
+        with torch.inference_mode():
+            torch.where(x > 0.5)
+    assert c.total() == 1 and torch.inference_mode().__class__.__name__ == "inference_mode"

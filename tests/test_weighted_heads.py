@@ -3,12 +3,14 @@ import copy
 
 import pytest
 import torch
+from torchvision.models.detection._utils import BalancedPositiveNegativeSampler, Matcher
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork
 
+from conftest import seeds
 from acrst_fast.config import ModelConfig
 from acrst_fast.models.detector import build_detector
-from acrst_fast.models.weighted_heads import WeightedRoIHeads, WeightedRPN
+from acrst_fast.models.weighted_heads import KeySampler, MaskMatcher, WeightedRoIHeads, WeightedRPN
 
 CFG = ModelConfig(backbone="mobilenet_v2", fpn_channels=16, representation_size=32, anchor_sizes=[16, 32, 64, 128, 256],
                   rpn_batch_size_per_image=64, box_batch_size_per_image=64)
@@ -27,13 +29,23 @@ def _losses(model, images, targets, seed=7):
     return model(images, targets)
 
 
-def test_unit_weights_equal_torchvision_losses():
+@pytest.mark.parametrize("empty_image", [False, True])
+def test_unit_weights_equal_torchvision_losses(empty_image):
     torch.manual_seed(0)
     model = build_detector(CFG, num_classes=3).train()
     assert isinstance(model.rpn, WeightedRPN) and isinstance(model.roi_heads, WeightedRoIHeads)
+    # torchvision's proposal filter on both sides: the batched one gives the same proposals, but ties in score
+    # (frequent from an untrained RPN) in another order, and the samplers then draw other proposals
+    model.rpn.batched_filter = False
+    # and torchvision's samplers: the key sampler draws other subsets (tests below)
+    model.rpn.fg_bg_sampler.__class__ = model.roi_heads.fg_bg_sampler.__class__ = BalancedPositiveNegativeSampler
     plain = copy.deepcopy(model)
     plain.rpn.__class__, plain.roi_heads.__class__ = RegionProposalNetwork, RoIHeads
+    plain.rpn.proposal_matcher.__class__ = plain.roi_heads.proposal_matcher.__class__ = Matcher
     images, targets = _batch()
+    if empty_image:  # an image without boxes (an unlabeled image with no pseudo-label)
+        images, targets = images + [torch.rand(3, 96, 96)], targets + [{"boxes": torch.zeros(0, 4),
+                                                                        "labels": torch.zeros(0, dtype=torch.int64)}]
     ours = _losses(model, images, targets)
     ref = _losses(plain, images, targets)
     ones = _losses(model, images, [dict(t, reg_weight=torch.ones(len(t["boxes"]))) for t in targets])
@@ -109,3 +121,58 @@ def test_unsup_focal_gamma_applies_to_the_unlabeled_forward_only():
         if k != "loss_classifier":
             torch.testing.assert_close(unsup_a[k], unsup_b[k])
     assert unsup_b["loss_classifier"] < unsup_a["loss_classifier"] and model.roi_heads.focal_gamma == 0.0
+
+
+@pytest.mark.parametrize("seed", seeds())
+@pytest.mark.parametrize("high,low,allow_low", [(0.7, 0.3, True), (0.5, 0.5, False), (0.5, 0.4, True)])
+def test_mask_matcher_equals_torchvision(seed, high, low, allow_low):
+    g = torch.Generator().manual_seed(seed)
+    for m, n in ((1, 40), (5, 300), (12, 1000)):
+        # coarse values (many ties, also for a gt's best) and gts whose best match is under the thresholds
+        q = (torch.rand(m, n, generator=g) * torch.rand(m, 1, generator=g) * 0.9).round(decimals=1)
+        q[:, torch.randint(0, n, (3,), generator=g)] = 0.0  # columns of no overlap at all
+        ref, ours = Matcher(high, low, allow_low), MaskMatcher(high, low, allow_low)
+        assert torch.equal(ours(q.clone()), ref(q.clone())), (m, n)
+    with pytest.raises(ValueError, match="No ground-truth boxes"):
+        MaskMatcher(0.7, 0.3, True)(torch.zeros(0, 5))
+
+
+def _labels(g, n, n_pos, n_neg):
+    labels = torch.full((n,), -1, dtype=torch.int64)
+    perm = torch.randperm(n, generator=g)
+    labels[perm[:n_pos]] = torch.randint(1, 5, (n_pos,), generator=g)
+    labels[perm[n_pos:n_pos + n_neg]] = 0
+    return labels
+
+
+@pytest.mark.parametrize("seed", seeds())
+def test_key_sampler_counts_and_candidates(seed):
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    sampler = KeySampler(64, 0.25)
+    cases = [(500, 40, 300), (500, 5, 300), (500, 0, 20), (30, 10, 10), (500, 200, 3), (8, 0, 0)]
+    labels = [_labels(g, *c) for c in cases]
+    pos, neg = sampler(labels)
+    for (n, n_pos, n_neg), lab, p, q in zip(cases, labels, pos, neg):
+        take_pos = min(n_pos, 16)
+        assert p.dtype == torch.uint8 and int(p.sum()) == take_pos and int(q.sum()) == min(n_neg, 64 - take_pos)
+        assert bool((lab[p.bool()] >= 1).all()) and bool((lab[q.bool()] == 0).all())
+    fits = [c for c in cases if c[1] <= 16 and c[2] <= 64 - c[1]]  # every candidate taken: torchvision's masks
+    ref_pos, ref_neg = BalancedPositiveNegativeSampler(64, 0.25)([labels[cases.index(c)] for c in fits])
+    ours_pos, ours_neg = sampler([labels[cases.index(c)] for c in fits])
+    assert all(torch.equal(a, b) for a, b in zip(ours_pos + ours_neg, ref_pos + ref_neg))
+
+
+def test_key_sampler_is_uniform():
+    torch.manual_seed(0)
+    labels = torch.tensor([1] * 10 + [0] * 30 + [-1] * 5)
+    sampler = KeySampler(16, 0.25)  # 4 of the 10 positives, 12 of the 30 negatives
+    pos = torch.zeros(45)
+    neg = torch.zeros(45)
+    for _ in range(3000):
+        p, q = sampler([labels])
+        pos += p[0]
+        neg += q[0]
+    assert torch.allclose(pos[:10] / 3000, torch.full((10,), 0.4), atol=0.04)
+    assert torch.allclose(neg[10:40] / 3000, torch.full((30,), 0.4), atol=0.04)
+    assert float(pos[10:].sum() + neg[:10].sum() + neg[40:].sum()) == 0

@@ -141,7 +141,7 @@ class ACRST:
         offsets = np.cumsum([0] + [len(b[0]) for b in batches])
         ops = mark_host(torch.cat([p.ops + torch.tensor([int(o), 0, 0, 0, 0, 0, 0])
                                    for p, o in zip(plans, offsets[:-1])]))  # the op table: host data
-        self._count_pasted(ops[:, 1].numpy())
+        self._count_pasted(ops.numpy()[:, 1])  # host data: no read of a device
         pasted_images = paste_pixels(images, ops, self.bank.pixels,  # the op table stays on the host
                                      bank_hw=self.bank.stored_hw_host())
         self._add_time("paste", t0)

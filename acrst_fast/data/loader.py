@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from acrst_fast.augment.host import mark_host, upload
 from acrst_fast.config import AugmentConfig
 from acrst_fast.data.coco import DataError, ImageRecord, decode_image
+from acrst_fast.data.photometric_batch import apply_strong_batch
 from acrst_fast.streams import Stream, sample_seed  # noqa: F401 - sample_seed: also the loader's API
 from acrst_fast.data.transforms import (
     Geometry, StrongParams, apply_geometry_to_boxes, apply_geometry_to_image, apply_strong, sample_geometry,
@@ -115,15 +116,19 @@ class Batch:
         return dataclasses.replace(self, weak=weak, strong=strong, raw=[], strong_params=[], pending=pending)
 
 
-def apply_pending(images: list[torch.Tensor], pending: list[StrongParams]) -> list[torch.Tensor]:
+def apply_pending(images: list[torch.Tensor], pending: list[StrongParams], batched: bool = False) -> list[torch.Tensor]:
     """The strong views' photometric ops (`apply_strong`: colour jitter, grayscale, blur, CutOut), on the
     images' device, after the crop-paste: `images` (list of Tensor[3, H, W] in [0, 1]) are the pasted
     geometry-only strong views of a batch whose `pending` draws they are. New tensors; `images` as they
-    are when nothing is pending (augment.photometric_after_paste false: applied in the data stage)."""
+    are when nothing is pending (augment.photometric_after_paste false: applied in the data stage).
+    batched: over one padded batch (`photometric_batch`; augment.batched_photometric), else image by image
+    (the reference)."""
     if not pending:
         return images
     if len(pending) != len(images):
         raise ValueError(f"{len(images)} images but {len(pending)} pending photometric draws")
+    if batched:
+        return apply_strong_batch(images, pending)
     return [apply_strong(im, p) for im, p in zip(images, pending)]
 
 

@@ -68,7 +68,7 @@ def build_runner(cfg: Config, datasets, info, source: str,
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=cfg.solver.lr, momentum=cfg.solver.momentum,
                                 weight_decay=cfg.solver.weight_decay)
-    losses = StudentLosses(student, cfg.mean_teacher.unsup_focal_gamma)
+    losses = StudentLosses(student, cfg.mean_teacher.unsup_focal_gamma, cfg.mean_teacher.joint_forward)
     if info.world > 1:  # frozen-BN buffers never change: no per-forward buffer broadcast
         losses = DistributedDataParallel(losses, device_ids=[info.local_rank] if info.device.type == "cuda" else None,
                                          process_group=dist.device_group(info.device), broadcast_buffers=False)

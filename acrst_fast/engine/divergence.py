@@ -23,7 +23,7 @@ LAST_GOOD = "last_good.json"
 
 
 class DivergenceGuard(HookBase):
-    """Tracks the step losses every rank agreed on (`trainer.losses`) and promotes checkpoints to good.
+    """Tracks the step losses every rank agreed on (`trainer.settled`) and promotes checkpoints to good.
     Before each checkpoint it tests the new one and shares the steps not to prune as
     `trainer.storage["protected_steps"]`."""
 
@@ -51,12 +51,16 @@ class DivergenceGuard(HookBase):
             self.pending[step] = self.factor * level
 
     def after_step(self, trainer: Trainer) -> None:
-        loss = max(trainer.losses) if trainer.losses else float(trainer.output.total)
+        for step, losses in trainer.settled:  # the steps whose losses every rank has read since the last call
+            self.observe(step, max(losses))
+
+    def observe(self, at: int, loss: float) -> None:
+        """The agreed loss (max over ranks) of step `at`: it tests the checkpoints under test."""
         self.recent = (self.recent + [loss])[-self.check_steps:]
         for step, bound in sorted(self.pending.items()):
             if loss > bound:
                 del self.pending[step]
-            elif trainer.step - step >= self.check_steps:
+            elif at - step >= self.check_steps:
                 del self.pending[step]
                 self.last_good, self.good_bound = step, bound
                 if self.is_main:

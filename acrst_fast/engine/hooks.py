@@ -149,11 +149,17 @@ class LoggingHook(HookBase):
                         mininterval=1.0, desc="train")
         self._t0 = time.perf_counter()
 
+    def _due(self, step: int) -> bool:
+        return step % self.period == 0 or step == self.total
+
+    def wants_agreement(self, trainer: Trainer) -> bool:
+        return self._due(trainer.step)  # the log line of a step whose loss every rank agreed is finite
+
     def after_step(self, trainer: Trainer) -> None:
         self._window.append(trainer.output)
         if self.bar is not None:
             self.bar.update(1)
-        if trainer.step % self.period == 0 or trainer.step == self.total:
+        if self._due(trainer.step):
             self._flush(trainer)
 
     def _read(self, extra: list[Deferred]) -> tuple[list[dict[str, float]], dict[str, float]]:
@@ -247,6 +253,9 @@ class EvalHook(HookBase):
     def due(self, step: int) -> bool:
         return step == self.total or step == self.runner.pretrain_steps or (self.period > 0 and step % self.period == 0)
 
+    def wants_agreement(self, trainer: Trainer) -> bool:
+        return self.due(trainer.step)
+
     def after_step(self, trainer: Trainer) -> None:
         if self.due(trainer.step):
             self.run(trainer.step, trainer.storage["eval_history"])
@@ -302,8 +311,14 @@ class CheckpointHook(HookBase):
         keep = tuple(trainer.storage.get("protected_steps", ())) + ((self.burn_in,) if self.burn_in else ())
         ckpt.prune(self.run_dir, self.keep, keep)
 
+    def due(self, step: int) -> bool:
+        return step in (self.total, self.burn_in) or (self.period > 0 and step % self.period == 0)
+
+    def wants_agreement(self, trainer: Trainer) -> bool:
+        return self.due(trainer.step)  # never a checkpoint of weights a non-finite loss broke
+
     def after_step(self, trainer: Trainer) -> None:
-        if trainer.step in (self.total, self.burn_in) or (self.period > 0 and trainer.step % self.period == 0):
+        if self.due(trainer.step):
             self.save(trainer)
 
     def on_interrupt(self, trainer: Trainer) -> None:

@@ -99,23 +99,33 @@ class StudentLosses(nn.Module):
     (x1, y1, x2, y2) pixels, "labels": Tensor[N] int64 1..K}. Returns (sup, unsup) loss dicts;
     unsup is empty when no unlabeled images are given. unsup_focal_gamma > 0: the unlabeled images' RoI
     classification is the focal loss (mean_teacher.unsup_focal_gamma; `WeightedRoIHeads.focal_gamma`).
+
+    joint (mean_teacher.joint_forward): labeled and unlabeled images go through the detector together, in
+    one padded batch (one backbone, FPN and RPN-head launch sequence instead of two), the heads computing
+    each group's losses with its own normaliser (`WeightedRPN.group_split`); with frozen BatchNorm and the
+    same canvas that equals two forwards up to float summation order and the samplers' random draws
+    (tested). joint=False: a forward per group (the reference).
     """
 
-    def __init__(self, detector: nn.Module, unsup_focal_gamma: float = 0.0):
+    def __init__(self, detector: nn.Module, unsup_focal_gamma: float = 0.0, joint: bool = True):
         super().__init__()
-        self.detector, self.unsup_focal_gamma = detector, unsup_focal_gamma
+        self.detector, self.unsup_focal_gamma, self.joint = detector, unsup_focal_gamma, joint
 
     def forward(self, lab_images, lab_targets, unl_images=None, unl_targets=None):
-        sup = self.detector(lab_images, lab_targets)
         if not unl_images:
-            return sup, {}
-        heads = self.detector.roi_heads
-        heads.focal_gamma = self.unsup_focal_gamma
+            return self.detector(lab_images, lab_targets), {}
+        rpn, heads = self.detector.rpn, self.detector.roi_heads
         try:
-            unsup = self.detector(unl_images, unl_targets)
+            if not self.joint:
+                sup = self.detector(lab_images, lab_targets)
+                heads.focal_gamma = self.unsup_focal_gamma
+                return sup, self.detector(unl_images, unl_targets)
+            heads.focal_gamma = self.unsup_focal_gamma  # the second group's (the unlabeled images')
+            rpn.group_split = heads.group_split = len(lab_images)
+            both = self.detector(list(lab_images) + list(unl_images), list(lab_targets) + list(unl_targets))
+            return {k: v[0] for k, v in both.items()}, {k: v[1] for k, v in both.items()}
         finally:
-            heads.focal_gamma = 0.0
-        return sup, unsup
+            heads.focal_gamma, rpn.group_split, heads.group_split = 0.0, None, None
 
 
 def match_counts(pseudo: list[dict[str, torch.Tensor]], gt_boxes: list[torch.Tensor], gt_labels: list[torch.Tensor],
@@ -172,12 +182,13 @@ class MeanTeacher(StudentTeacherRunner):
         self.filter_mode = cfg.ssmll.filter
         if self.filter_mode != "single" and classifier is None:
             raise ValueError(f"ssmll.filter={self.filter_mode} needs the SSMLL classifier")
-        self.ema = EmaTeacher(student, cfg.mean_teacher.ema_decay)
+        self.precision = Precision(cfg.solver.amp, device)
+        # the teacher's forward runs under autocast: its weights are kept in the compute dtype by the EMA
+        self.ema = EmaTeacher(student, cfg.mean_teacher.ema_decay, compute_dtype=self.precision.dtype)
         self.pretrain_steps = cfg.solver.pretrain_steps
         self._labeled: Iterator[Batch] | None = None
         self._unlabeled: Iterator[Batch] | None = None
         self._params = [p for p in student.parameters() if p.requires_grad]
-        self.precision = Precision(cfg.solver.amp, device)
         self.sync_timing = False  # benchmarks: synchronise the GPU at each timing boundary
         self.last_pseudo_count = 0
         inject = os.environ.get("ACRST_INJECT_NAN", "")  # "STEP:RANK": this rank's loss at STEP becomes NaN
@@ -243,12 +254,23 @@ class MeanTeacher(StudentTeacherRunner):
             self.acrst.observe_teacher(weak, predictions, kept, self._generator(step, Stream.ACRST_OBSERVE))
         return pseudo
 
-    @staticmethod
-    def photometric(inputs: StudentInputs, lab: Batch, unl: Batch | None) -> StudentInputs:
+    def photometric(self, inputs: StudentInputs, lab: Batch, unl: Batch | None) -> StudentInputs:
         """The strong views' photometric ops, after the crop-paste (augment.photometric_after_paste): the
-        pasted instances are augmented with the image they land in. On the images' device."""
-        return replace(inputs, lab_images=apply_pending(inputs.lab_images, lab.pending),
-                       unl_images=apply_pending(inputs.unl_images, unl.pending) if unl is not None else None)
+        pasted instances are augmented with the image they land in. On the images' device, labeled and
+        unlabeled images together, as one padded batch on CUDA (augment.batched_photometric)."""
+        groups = [(inputs.lab_images, lab.pending)] + ([(inputs.unl_images, unl.pending)] if unl is not None else [])
+        for images, pending in groups:
+            if pending and len(pending) != len(images):
+                raise ValueError(f"{len(images)} images but {len(pending)} pending photometric draws")
+        todo = [g for g in groups if g[1]]  # groups whose photometric ops are still to run
+        if not todo:
+            return inputs
+        images = [im for g in todo for im in g[0]]
+        mode = self.cfg.augment.batched_photometric
+        out = iter(apply_pending(images, [p for g in todo for p in g[1]],
+                                 mode == "batch" or (mode == "auto" and images[0].device.type == "cuda")))
+        done = [[next(out) for _ in g[0]] if g[1] else g[0] for g in groups]
+        return replace(inputs, lab_images=done[0], unl_images=done[1] if unl is not None else None)
 
     def losses(self, step: int, inputs: StudentInputs) -> Losses:
         """The student's forward on both groups (one DDP forward): L = L_sup + lambda_unsup * L_unsup."""
@@ -290,7 +312,7 @@ class MeanTeacher(StudentTeacherRunner):
         the SSMLL classifier), plus the deferred metrics of their quality (hidden ground truth, class
         histogram, classifier negatives). Returns (pseudo-labels, predictions, deferred)."""
         with torch.inference_mode(), self.precision.autocast():
-            predictions = float_outputs(self.teacher(weak))
+            predictions = float_outputs(self.ema(weak))
             probs = torch.sigmoid(self.classifier(preprocess(weak, self.classifier_size)).float()) \
                 if self.classifier is not None else None
         tau = self.cfg.mean_teacher.tau_cls

@@ -1,15 +1,21 @@
 """A small training loop; everything else (EMA, LR, checkpoints, evaluation, logs) is a hook.
 
-Stops are collective. After every step, one all-reduce of a tiny CPU tensor (over the gloo
-group, `dist.all_reduce`) tells every rank whether any rank was asked to stop (SIGTERM, Ctrl-C)
-and each rank's loss of that step. So all ranks end at the same step: a non-finite loss on any
-rank raises `TrainingDiverged` on every rank before any hook runs (no checkpoint of the broken
-weights is written), and a stop request anywhere runs every hook of the finished step, then the
-`on_interrupt` hooks (the stop checkpoint), then raises `TrainingInterrupted` on every rank.
+Stops are collective. After every step, one all-reduce of a tiny tensor on the loss's device (NCCL on
+GPUs, gloo on the CPU) tells every rank whether any rank was asked to stop (SIGTERM, Ctrl-C) and each
+rank's loss of that step. The host does not wait for it: the packet is copied towards the host without
+blocking and read one step later, after the next step's work is queued, so the host runs ahead of the
+device (`StepAgreement`). A hook that writes or publishes the weights at a step (checkpoint, evaluation,
+the log flush) asks for that step's agreement at once (`HookBase.wants_agreement`), and so does the last
+step. So all ranks end at the same step: a non-finite loss on any rank raises `TrainingDiverged` on every
+rank (naming the step that produced it) before any checkpoint, evaluation or log line of the broken
+weights; a stop request anywhere is honoured at the same step boundary on every rank (at most one step
+after it was asked for): every hook of the finished step runs, then the `on_interrupt` hooks (the stop
+checkpoint), then `TrainingInterrupted` is raised on every rank.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -46,6 +52,11 @@ class HookBase:
     def on_interrupt(self, trainer: "Trainer") -> None: ...
     def before_checkpoint(self, trainer: "Trainer") -> None: ...
 
+    def wants_agreement(self, trainer: "Trainer") -> bool:
+        """Whether this hook's `after_step` of the step just finished (`trainer.step`) needs that step's
+        agreement first: it writes or publishes the weights (a checkpoint, an evaluation, a log line)."""
+        return False
+
     def state_dict(self) -> dict:
         return {}
 
@@ -67,13 +78,51 @@ class Runner(Protocol):
     def load_rank_state_dict(self, state: dict) -> None: ...
 
 
+@dataclass
+class StepAgreement:
+    """A step's agreement in flight: `packet` (float64[1 + world]: any stop request, then every rank's loss),
+    all-reduced on the loss's device, and its copy towards the host (`host`, page-locked on CUDA, with the
+    `event` that completes it). `read()` waits for the copy only."""
+
+    step: int
+    output: Any
+    host: torch.Tensor
+    event: Any = None
+
+    @classmethod
+    def launch(cls, step: int, output: Any, stop_requested: bool) -> "StepAgreement":
+        loss = output.total if output is not None else 0.0
+        device = loss.device if isinstance(loss, torch.Tensor) else torch.device("cpu")
+        world, rank = dist.world_size(), dist.rank()
+        packet = torch.zeros(1 + world, dtype=torch.float64, device=device)
+        packet[0] = float(stop_requested)
+        packet[1 + rank] = loss.detach() if isinstance(loss, torch.Tensor) else float(loss)  # on the device
+        dist.all_reduce(packet)
+        if device.type != "cuda":
+            return cls(step, output, mark_host(packet))
+        host = torch.empty(packet.shape, dtype=packet.dtype, pin_memory=True)
+        host.copy_(packet, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return cls(step, output, mark_host(host), event)
+
+    def read(self) -> tuple[bool, list[float]]:
+        """(any rank asked to stop, every rank's loss), waiting for the copy if it is still in flight."""
+        if self.event is not None:
+            self.event.synchronize()
+        values = self.host.tolist()  # host data: the copy is complete
+        return values[0] > 0, values[1:]
+
+
 class Trainer:
     """Runs `runner.run_step(step)` from `start_step` to `total_steps`, calling hooks in order.
 
     `run_step` returns an object with `total` (this rank's loss, a float or a 0-dim tensor on the
     device) and `describe()` (the loss terms, for the divergence message). `request_stop()` (the CLI calls it on SIGTERM or
-    SIGINT) is honoured at the next step boundary on every rank. `trainer.losses` holds the
-    finished step's loss of every rank (a list, rank order). `storage` holds what hooks share:
+    SIGINT) is honoured at a step boundary on every rank, the next or the one after. `trainer.settled` lists
+    the (step, every rank's loss) agreements read since the previous hooks ran (the step before the one just
+    finished, and that one too when a hook `wants_agreement` or it is the last); `trainer.losses` is the
+    latest of them. `storage` holds what hooks share:
     "lr" (set by the LR hook), "eval_history" (list of evaluation records), "log_deferred" (metrics
     to add to the next log line). `state_dict()` is the checkpoint, as detectron2's `TrainerBase`:
     the step, the runner's state, the storage and every stateful hook's state.
@@ -84,6 +133,7 @@ class Trainer:
         self.step, self.total_steps = start_step, total_steps
         self.output: Any = None
         self.losses: list[float] = []
+        self.settled: list[tuple[int, list[float]]] = []
         self.stop_requested = False
         self.storage: dict[str, Any] = {"eval_history": []}
 
@@ -113,33 +163,40 @@ class Trainer:
     def load_rank_state_dict(self, state: dict) -> None:
         self.runner.load_rank_state_dict(state)
 
-    def _agree(self, loss) -> tuple[bool, list[float]]:
-        """One collective: (any rank asked to stop, every rank's loss). `loss` (a float or a 0-dim
-        tensor on the device) is the one value the step reads from the device."""
-        world, rank = dist.world_size(), dist.rank()
-        values = [0.0] * (1 + world)
-        values[0] = float(self.stop_requested)
-        values[1 + rank] = float(loss)
-        packet = mark_host(torch.tensor(values, dtype=torch.float64))  # host values: the gloo group
-        dist.all_reduce(packet)
-        values = packet.tolist()
-        return values[0] > 0, values[1:]
+    def _settle(self, agreements: list[StepAgreement]) -> bool:
+        """Read `agreements` in step order into `settled` and `losses`; raise `TrainingDiverged` at the first
+        with a non-finite loss on some rank. Returns whether any rank asked to stop."""
+        stop = False
+        for a in agreements:
+            asked, losses = a.read()
+            bad = [r for r, v in enumerate(losses) if not math.isfinite(v)]
+            if bad:
+                own = not math.isfinite(losses[dist.rank()]) and a.output is not None
+                raise TrainingDiverged(a.step, bad, a.output.describe() if own else "")
+            stop = stop or asked
+            self.losses = losses
+            self.settled.append((a.step, losses))
+        return stop
 
     def train(self) -> None:
         self.runner.start(self.step)  # the data streams at the positions of this step
         for h in self.hooks:
             h.before_train(self)
-        stop, _ = self._agree(0.0)  # a stop asked for before the first step
+        stop = self._settle([StepAgreement.launch(self.step, None, self.stop_requested)])  # a stop asked before
+        pending: StepAgreement | None = None  # the last step's agreement, still unread
         while self.step < self.total_steps and not stop:
             for h in self.hooks:
                 h.before_step(self)
             self.output = self.runner.run_step(self.step)
             self.step += 1
-            stop, self.losses = self._agree(self.output.total)
-            bad = [r for r, v in enumerate(self.losses) if not math.isfinite(v)]
-            if bad:
-                detail = self.output.describe() if not math.isfinite(self.losses[dist.rank()]) else ""
-                raise TrainingDiverged(self.step, bad, detail)
+            current = StepAgreement.launch(self.step, self.output, self.stop_requested)
+            self.settled = []
+            now = self.step == self.total_steps or any(h.wants_agreement(self) for h in self.hooks)
+            ready, pending = ([pending] if pending else []) + ([current] if now else []), None if now else current
+            stop = self._settle(ready)
+            if stop and pending is not None:  # stopping here: this step's agreement before its hooks
+                self._settle([pending])
+                pending = None
             for h in self.hooks:
                 h.after_step(self)
         if stop and self.step < self.total_steps:

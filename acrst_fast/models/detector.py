@@ -27,13 +27,14 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
+from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from acrst_fast.config import ModelConfig
 from acrst_fast.errors import UserError, one_line
 from acrst_fast.models import pretrained
-from acrst_fast.models.weighted_heads import enable_box_weights
+from acrst_fast.models.roi_pool import CountedMultiScaleRoIAlign
+from acrst_fast.models.weighted_heads import KeySampler, enable_box_weights
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +44,68 @@ class WeightsError(UserError):
 
 
 class DataOwnedGeometryTransform(GeneralizedRCNNTransform):
-    """Normalise and batch only: images arrive already resized by the data stage."""
+    """Normalise and batch only: images arrive already resized by the data stage. The mean and std are
+    device constants made once per (dtype, device), where torchvision uploads them for every image, and
+    boxes come back in the pixels they were predicted in (torchvision's postprocess would rescale them by
+    ratios of 1, uploading four scalars per image)."""
 
     def resize(self, image, target=None):
         return image, target
+
+    def _constants(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        cache = self.__dict__.setdefault("_norm_constants", {})
+        key = (dtype, str(device))
+        if key not in cache:
+            cache[key] = tuple(torch.tensor(v, dtype=dtype).to(device)[:, None, None]
+                               for v in (self.image_mean, self.image_std))
+        return cache[key]
+
+    def normalize(self, image: torch.Tensor) -> torch.Tensor:
+        if not image.is_floating_point():
+            raise TypeError(f"Expected input images to be of floating type (in range [0, 1]), "
+                            f"but found type {image.dtype} instead")
+        mean, std = self._constants(image.dtype, image.device)
+        return (image - mean) / std
+
+    def postprocess(self, result, image_shapes, original_image_sizes):
+        if any(tuple(a) != tuple(b) for a, b in zip(image_shapes, original_image_sizes)):  # host shapes
+            return super().postprocess(result, image_shapes, original_image_sizes)
+        return result
+
+
+class Detector(FasterRCNN):
+    """torchvision's Faster R-CNN whose forward checks the targets for degenerate boxes with one host read
+    for the batch, where torchvision reads once per image (the same error)."""
+
+    def forward(self, images, targets=None):
+        if self.training:
+            torch._assert(targets is not None, "targets should not be none when in training mode")
+            for target in targets:
+                boxes = target["boxes"]
+                torch._assert(isinstance(boxes, torch.Tensor) and boxes.dim() == 2 and boxes.shape[-1] == 4,
+                              f"Expected target boxes to be a tensor of shape [N, 4], got {getattr(boxes, 'shape', boxes)}.")
+        original_image_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
+        images, targets = self.transform(images, targets)
+        if targets is not None:
+            _check_degenerate([t["boxes"] for t in targets])
+        features = self.backbone(images.tensors)
+        proposals, proposal_losses = self.rpn(images, features, targets)
+        detections, detector_losses = self.roi_heads(features, proposals, images.image_sizes, targets)
+        detections = self.transform.postprocess(detections, images.image_sizes, original_image_sizes)
+        return {**detector_losses, **proposal_losses} if self.training else detections
+
+
+def _check_degenerate(boxes: list[torch.Tensor]) -> None:
+    """torchvision's check that every target box has positive height and width, with one read."""
+    if not any(b.numel() for b in boxes):
+        return
+    if not bool(torch.cat([(b[:, 2:] <= b[:, :2]).any(dim=1) for b in boxes]).any()):
+        return
+    for i, b in enumerate(boxes):  # the error path: find the first, as torchvision names it
+        bad = (b[:, 2:] <= b[:, :2]).any(dim=1)
+        if bool(bad.any()):
+            torch._assert(False, "All bounding boxes should have positive height and width."
+                                 f" Found invalid box {b[bad][0].tolist()} for target at index {i}.")
 
 
 def verify_torchvision_hash(path: Path) -> None:
@@ -195,8 +254,8 @@ def build_detector(cfg: ModelConfig, num_classes: int) -> FasterRCNN:
         backbone,
         num_classes=None,
         rpn_anchor_generator=anchors,
-        box_roi_pool=MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=resolution,
-                                        sampling_ratio=cfg.roi_sampling_ratio),
+        box_roi_pool=CountedMultiScaleRoIAlign(["0", "1", "2", "3"], output_size=resolution,
+                                               sampling_ratio=cfg.roi_sampling_ratio),
         box_head=TwoMLPHead(cfg.fpn_channels * resolution**2, cfg.representation_size),
         box_predictor=FastRCNNPredictor(cfg.representation_size, num_classes + 1),
         rpn_pre_nms_top_n_train=cfg.rpn_pre_nms_top_n_train,
@@ -208,7 +267,11 @@ def build_detector(cfg: ModelConfig, num_classes: int) -> FasterRCNN:
         box_score_thresh=cfg.box_score_thresh,
         box_detections_per_img=cfg.box_detections_per_img,
     )
+    model.__class__ = Detector
     enable_box_weights(model)  # per-box regression weights (selective supervision); 1 = torchvision's losses
+    model.rpn.batched_filter = model.roi_heads.batched_nms = cfg.batched_nms
+    if cfg.key_sampler:
+        model.rpn.fg_bg_sampler.__class__ = model.roi_heads.fg_bg_sampler.__class__ = KeySampler
     model.transform = DataOwnedGeometryTransform(
         min_size=1, max_size=1, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
     if cfg.weights:
