@@ -60,7 +60,8 @@ ROWS = {
     "mt_4to1": ("Mean Teacher, 4:1 unlabeled", MEAN_TEACHER + [RATIO_4]),
 }
 ACRST_ROWS = ("fbr", "affr", "ss", "affr_ts", "all", "ss_focal")  # compared with Mean Teacher too
-VARIANT_OF = {"mt_focal": "mt", "ss_focal": "ss", "mt_4to1": "mt"}  # a recipe switch against the row it changes
+# a recipe switch against the row it changes; the two-stage filter against the same row without it
+VARIANT_OF = {"mt_focal": "mt", "ss_focal": "ss", "mt_4to1": "mt", "all": "ss", "affr_ts": "affr"}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -101,8 +102,8 @@ def row_values(runs: list[dict], rare: list[str]) -> dict[str, list[float]]:
 
 def comparisons(results: dict[str, list[dict]], rare: list[str]) -> list[tuple[str, str, str, float, float, list]]:
     """(row, baseline, metric, mean, std, per-seed differences) of every row against the supervised
-    continuation, of every ACRST row against Mean Teacher, and of every recipe switch against the row it
-    changes (VARIANT_OF), for AP and each rare class's AP."""
+    continuation, of every ACRST row against Mean Teacher, and of every recipe switch (and the two-stage
+    filter) against the row it changes (VARIANT_OF), for AP and each rare class's AP."""
     values = {row: row_values(runs, rare) for row, runs in results.items()}
     pairs = [(row, "sup") for row in results if row != "sup" and "sup" in results]
     pairs += [(row, "mt") for row in results if row in ACRST_ROWS and "mt" in results]

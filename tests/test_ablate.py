@@ -54,6 +54,9 @@ def test_comparisons_against_supervised_and_mean_teacher():
     assert d == [9.0, 0.0, 18.0] and m == pytest.approx(9.0) and s == pytest.approx(9.0)  # not beyond: no claim
     switched = ablate.comparisons({**RESULTS, "mt_focal": RESULTS["affr"]}, ["r"])
     assert ("mt_focal", "mt", "AP") in {(row, base, metric) for row, base, metric, *_ in switched}
+    staged = {(row, base): d for row, base, metric, _, _, d in
+              ablate.comparisons({**RESULTS, "ss": RESULTS["mt"], "all": RESULTS["affr"]}, ["r"]) if metric == "AP"}
+    assert staged[("all", "ss")] == [1.0, 0.0, -1.0]  # the two-stage filter against the row without it
     lines = ablate.paired_table(RESULTS, ["r"])
     assert any("Mean Teacher - supervised continuation" in ln and "+3.33 ±  0.58" in ln and ln.endswith("higher")
                for ln in lines)
