@@ -71,6 +71,9 @@ def paper_overrides(scale: int, device: str, out: Path) -> list[str]:
             "data.split_percent=0", f"augment.scales=[{scale}]", f"augment.max_size={scale * 1333 // 800}",
             f"augment.test_scale={scale}", "solver.batch_labeled=4", "solver.batch_unlabeled=4",
             f"model.backbone_weights={weights}", "ssmll.backbone_weights=random", f"run.device={device}",
+            # random weights at the paper's lr 0.01 diverge within a step or two and leave the step without
+            # proposals (no RoI work to time): a tiny lr keeps the model as it is, at the same cost per step
+            "solver.lr=1e-6",
             f"solver.amp={'bf16' if cuda else 'off'}", f"solver.channels_last={'true' if cuda else 'false'}"]
 
 
@@ -149,7 +152,7 @@ def stock_and_floor(runner, cfg, device, step: int, whole_ms: float, repeat: int
     model = stock_detector(device, Path(cfg.model.backbone_weights), max(cfg.augment.scales), cfg.augment.max_size)
     if cfg.solver.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-6, momentum=0.9)
     stock_ms = median_ms(lambda: stock_step(model, opt, images, targets, dtype), repeat, device, warmup=2)
     stock_flops = count_flops(lambda: stock_step(model, opt, images, targets, dtype))
     step_flops = count_flops(lambda: (runner.run_step(step), runner.update_teacher()))
@@ -177,7 +180,10 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*", help="dotted KEY=VALUE config overrides")
     args = ap.parse_intermixed_args()  # CONFIG --steps N KEY=VALUE, in any order
     if args.paper and args.config != str(REPO / "configs" / "demo.yaml"):
-        raise SystemExit("--paper uses configs/coco_additional.yaml; give overrides, not a config")
+        if "=" not in args.config:
+            raise SystemExit("--paper uses configs/coco_additional.yaml; give overrides, not a config")
+        args.overrides = [args.config, *args.overrides]  # the first override, taken for the CONFIG positional
+        args.config = str(REPO / "configs" / "demo.yaml")
     cfg, info, runner, config = build(args)
     med, step = time_parts(args, runner, info.device)
     whole = time_whole(runner, info.device, step, args.steps)

@@ -99,6 +99,10 @@ def test_batched_detections_give_torchvision_detections(seed, device, nms, score
         assert torch.equal(boxes[i][v], ref[0][i]) and torch.equal(scores[i][v], ref[1][i])
         assert torch.equal(labels[i][v], ref[2][i])
     assert not valid[1].any() and valid[0].any()
+    none = postprocess_detections_batched(heads, logits[:0], deltas[:0], [p[:0] for p in proposals], shapes, nms=nms)
+    assert [t.shape[:2] for t in none] == [(3, 0)] * 4  # no proposal in any image
+    assert [len(b) for b in heads.postprocess_detections(logits[:0], deltas[:0], [p[:0] for p in proposals],
+                                                         shapes)[0]] == [0, 0, 0]
 
 
 def _boxes_in(g, k, h, w):

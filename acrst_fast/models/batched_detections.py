@@ -30,9 +30,14 @@ def postprocess_detections_batched(heads, class_logits: torch.Tensor, box_regres
     Tensor[R, C] over all images' proposals (R = sum R_i), box_regression: Tensor[R, 4 C]."""
     sizes = [int(p.shape[0]) for p in proposals]  # host shapes
     n, r, c = len(sizes), max(sizes, default=0), class_logits.shape[-1]
-    boxes = _padded(heads.box_coder.decode(box_regression, proposals), sizes, r, 0.0)[:, :, 1:]  # [N, r, K, 4]
+    device = class_logits.device
+    if r == 0:  # no proposal in any image: no detection
+        return (torch.zeros(n, 0, 4, device=device), torch.zeros(n, 0, device=device),
+                torch.zeros(n, 0, dtype=torch.int64, device=device), torch.zeros(n, 0, dtype=torch.bool, device=device))
+    decoded = heads.box_coder.decode(box_regression, proposals).reshape(-1, c, 4)
+    boxes = _padded(decoded, sizes, r, 0.0)[:, :, 1:]  # [N, r, K, 4]
     scores = _padded(F.softmax(class_logits, -1), sizes, r, -1.0)[:, :, 1:]  # [N, r, K]; padding under thresh
-    hw = upload(torch.tensor(image_shapes, dtype=torch.float32).reshape(-1, 2), class_logits.device)
+    hw = upload(torch.tensor(image_shapes, dtype=torch.float32).reshape(-1, 2), device)
     x = boxes[..., 0::2].clamp(min=0).minimum(hw[:, None, None, 1:2])
     y = boxes[..., 1::2].clamp(min=0).minimum(hw[:, None, None, 0:1])
     boxes = torch.stack((x, y), dim=-1).reshape(boxes.shape)  # torchvision's clip_boxes_to_image
