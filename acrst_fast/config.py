@@ -24,10 +24,9 @@ import yaml
 
 from acrst_fast.augment.cropbank import SOURCES as BANK_SOURCES
 from acrst_fast.engine.amp import AMP_MODES
-
-PHOTOMETRIC_MODES = ("auto", "batch", "per_image")  # augment.batched_photometric
 from acrst_fast.pseudo_labels import MODES as FILTER_MODES
 
+PHOTOMETRIC_MODES = ("auto", "batch", "per_image")  # augment.batched_photometric
 BACKBONES = ("resnet50", "resnet18", "mobilenet_v2")  # model.backbone, ssmll.backbone (models/ build them)
 
 

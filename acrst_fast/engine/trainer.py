@@ -192,7 +192,10 @@ class Trainer:
             current = StepAgreement.launch(self.step, self.output, self.stop_requested)
             self.settled = []
             now = self.step == self.total_steps or any(h.wants_agreement(self) for h in self.hooks)
-            ready, pending = ([pending] if pending else []) + ([current] if now else []), None if now else current
+            ready = [pending] if pending else []
+            if now:
+                ready.append(current)
+            pending = None if now else current
             stop = self._settle(ready)
             if stop and pending is not None:  # stopping here: this step's agreement before its hooks
                 self._settle([pending])

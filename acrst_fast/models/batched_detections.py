@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from acrst_fast.augment.host import upload
 from acrst_fast.kernels.nms import nms_segments
+from acrst_fast.models.batched_rpn import best_kept, clip_to_images
 
 
 def _padded(t: torch.Tensor, sizes: list[int], rows: int, value: float) -> torch.Tensor:
@@ -35,12 +35,8 @@ def postprocess_detections_batched(heads, class_logits: torch.Tensor, box_regres
         return (torch.zeros(n, 0, 4, device=device), torch.zeros(n, 0, device=device),
                 torch.zeros(n, 0, dtype=torch.int64, device=device), torch.zeros(n, 0, dtype=torch.bool, device=device))
     decoded = heads.box_coder.decode(box_regression, proposals).reshape(-1, c, 4)
-    boxes = _padded(decoded, sizes, r, 0.0)[:, :, 1:]  # [N, r, K, 4]
+    boxes = clip_to_images(_padded(decoded, sizes, r, 0.0)[:, :, 1:], image_shapes)  # [N, r, K, 4]
     scores = _padded(F.softmax(class_logits, -1), sizes, r, -1.0)[:, :, 1:]  # [N, r, K]; padding under thresh
-    hw = upload(torch.tensor(image_shapes, dtype=torch.float32).reshape(-1, 2), device)
-    x = boxes[..., 0::2].clamp(min=0).minimum(hw[:, None, None, 1:2])
-    y = boxes[..., 1::2].clamp(min=0).minimum(hw[:, None, None, 0:1])
-    boxes = torch.stack((x, y), dim=-1).reshape(boxes.shape)  # torchvision's clip_boxes_to_image
     ok = (scores > heads.score_thresh) & (boxes[..., 2] - boxes[..., 0] >= 1e-2) & (boxes[..., 3] - boxes[..., 1] >= 1e-2)
     k = c - 1
     seg = (boxes.permute(0, 2, 1, 3).reshape(n * k, r, 4), scores.permute(0, 2, 1).reshape(n * k, r),
@@ -48,7 +44,5 @@ def postprocess_detections_batched(heads, class_logits: torch.Tensor, box_regres
     keep = nms(*seg, heads.nms_thresh).reshape(n, k, r).permute(0, 2, 1)  # [N, r, K], torchvision's layout
     ranked = torch.where(keep, scores, float("-inf")).reshape(n, r * k)
     d = min(heads.detections_per_img, r * k)
-    best, idx = (t[:, :d] for t in torch.sort(ranked, dim=1, descending=True, stable=True))
-    out_boxes = boxes.reshape(n, r * k, 4).gather(1, idx[..., None].expand(n, d, 4))
-    valid = best > float("-inf")
-    return out_boxes, torch.where(valid, best, 0.0), idx % k + 1, valid
+    best, idx, valid = best_kept(ranked, d)
+    return boxes.reshape(n, r * k, 4).gather(1, idx[..., None].expand(n, d, 4)), best, idx % k + 1, valid

@@ -27,6 +27,25 @@ from acrst_fast.augment.host import upload
 from acrst_fast.kernels.nms import nms_segments
 
 
+def clip_to_images(boxes: torch.Tensor, image_shapes: list[tuple[int, int]]) -> torch.Tensor:
+    """torchvision's `clip_boxes_to_image` for a batch: boxes Tensor[N, ..., 4] (x1, y1, x2, y2), those of image
+    n clipped to image_shapes[n] = (h, w), the sizes uploaded once."""
+    hw = upload(torch.tensor(image_shapes, dtype=torch.float32).reshape(-1, 2), boxes.device)
+    shape = (-1,) + (1,) * (boxes.dim() - 1)
+    x = boxes[..., 0::2].clamp(min=0).minimum(hw[:, 1].view(shape))
+    y = boxes[..., 1::2].clamp(min=0).minimum(hw[:, 0].view(shape))
+    return torch.stack((x, y), dim=-1).reshape(boxes.shape)
+
+
+def best_kept(score: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The `count` best entries of each row of score (Tensor[N, M], -inf where dropped), in decreasing score as
+    torchvision's batched_nms orders its kept indices (equal scores in position order: a stable sort).
+    Returns (scores, 0 where invalid; indices into M; valid), each Tensor[N, count]."""
+    best, idx = (t[:, :count] for t in torch.sort(score, dim=1, descending=True, stable=True))
+    valid = best > float("-inf")
+    return torch.where(valid, best, 0.0), idx, valid
+
+
 def filter_proposals_batched(rpn: RegionProposalNetwork, proposals: torch.Tensor, objectness: torch.Tensor,
                              image_shapes: list[tuple[int, int]], num_anchors_per_level: list[int],
                              nms=nms_segments) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -40,10 +59,7 @@ def filter_proposals_batched(rpn: RegionProposalNetwork, proposals: torch.Tensor
     k = max(ks)
     rows = torch.arange(n, device=device)[:, None]
     boxes_all, prob_all = proposals[rows, top], torch.sigmoid(logits[rows, top])
-    sizes = upload(torch.tensor(image_shapes, dtype=torch.float32).reshape(-1, 2), device)  # (h, w)
-    x = boxes_all[..., 0::2].clamp(min=0).minimum(sizes[:, None, 1:2])
-    y = boxes_all[..., 1::2].clamp(min=0).minimum(sizes[:, None, 0:1])
-    boxes_all = torch.stack((x, y), dim=-1).reshape(boxes_all.shape)  # torchvision's clip_boxes_to_image
+    boxes_all = clip_to_images(boxes_all, image_shapes)
     wide = (boxes_all[..., 2] - boxes_all[..., 0] >= rpn.min_size) & (boxes_all[..., 3] - boxes_all[..., 1] >= rpn.min_size)
     ok_all = wide & (prob_all >= rpn.score_thresh)
     seg_boxes, seg_prob, seg_ok, at = [], [], [], 0
@@ -58,7 +74,5 @@ def filter_proposals_batched(rpn: RegionProposalNetwork, proposals: torch.Tensor
     keep = nms(boxes.reshape(n * levels, k, 4), prob.reshape(n * levels, k), ok.reshape(n * levels, k), rpn.nms_thresh)
     score = torch.where(keep.reshape(n, levels * k), prob.reshape(n, levels * k), float("-inf"))
     p = min(rpn.post_nms_top_n(), levels * k)
-    # decreasing score, as torchvision's batched_nms orders its kept indices (equal scores: in candidate order)
-    best, idx = (t[:, :p] for t in torch.sort(score, dim=1, descending=True, stable=True))
-    out_boxes = boxes.reshape(n, levels * k, 4).gather(1, idx[..., None].expand(n, p, 4))
-    return out_boxes, torch.where(best > float("-inf"), best, 0.0), best > float("-inf")
+    best, idx, valid = best_kept(score, p)
+    return boxes.reshape(n, levels * k, 4).gather(1, idx[..., None].expand(n, p, 4)), best, valid

@@ -45,6 +45,13 @@ def group_means(values: torch.Tensor, split: int) -> torch.Tensor:
     return torch.stack([values[:split].sum() / max(split, 1), values[split:].sum() / max(len(values) - split, 1)])
 
 
+def valid_prefixes(valid: torch.Tensor, *tensors: torch.Tensor) -> tuple[list[torch.Tensor], ...]:
+    """Per image, the valid leading entries of each of `tensors` (Tensor[N, P, ...]; the batched filters put
+    them first): one host read of the counts (valid: Tensor[N, P] bool). Returns a list per tensor."""
+    counts = valid.sum(dim=1).tolist()
+    return tuple([row[:c] for row, c in zip(t, counts)] for t in tensors)
+
+
 def _weights_for(target: dict, matched_idxs: torch.Tensor) -> torch.Tensor:
     w = target.get("reg_weight")
     if w is None or w.numel() == 0:
@@ -67,8 +74,7 @@ class WeightedRPN(RegionProposalNetwork):
             return super().filter_proposals(proposals, objectness, image_shapes, num_anchors_per_level)
         boxes, scores, valid = filter_proposals_batched(self, proposals, objectness, image_shapes,
                                                         num_anchors_per_level)
-        counts = valid.sum(dim=1).tolist()  # the valid entries come first, in decreasing score
-        return [b[:c] for b, c in zip(boxes, counts)], [sc[:c] for sc, c in zip(scores, counts)]
+        return valid_prefixes(valid, boxes, scores)
 
     def assign_targets_to_anchors(self, anchors, targets):
         """torchvision's assignment (anchor labels 1 / 0 / -1 and matched boxes), on masks instead of
@@ -92,7 +98,7 @@ class WeightedRPN(RegionProposalNetwork):
     def compute_loss(self, objectness, pred_bbox_deltas, labels, regression_targets):
         """torchvision's RPN loss with per-anchor regression weights, on masks instead of gathered
         indices (no data-dependent shapes, so no host read); equal up to float summation order."""
-        self._first_labels = labels[0]  # every image has the same anchors (one padded canvas)
+        anchors_per_image = len(labels[0])  # every image has the same anchors (one padded canvas)
         sampled_pos, sampled_neg = self.fg_bg_sampler(labels)
         pos = torch.cat(sampled_pos, dim=0).bool()
         sampled = pos | torch.cat(sampled_neg, dim=0).bool()
@@ -102,8 +108,7 @@ class WeightedRPN(RegionProposalNetwork):
         regression_targets = torch.cat(regression_targets, dim=0)
         weights = torch.cat(self._anchor_weights, dim=0)
         self._anchor_weights = None
-        split = None if self.group_split is None else self.group_split * len(self._first_labels)
-        self._first_labels = None
+        split = None if self.group_split is None else self.group_split * anchors_per_image
         n_sampled = group_sums(sampled.float(), split) if split is not None else n_sampled
         per_anchor = F.smooth_l1_loss(pred_bbox_deltas, regression_targets, beta=1 / 9, reduction="none").sum(dim=1)
         box_loss = group_sums(torch.where(pos, per_anchor * weights, 0.0), split) / n_sampled
@@ -218,9 +223,7 @@ class WeightedRoIHeads(RoIHeads):
             return super().postprocess_detections(class_logits, box_regression, proposals, image_shapes)
         boxes, scores, labels, valid = postprocess_detections_batched(self, class_logits, box_regression, proposals,
                                                                       image_shapes)
-        counts = valid.sum(dim=1).tolist()  # the valid entries come first
-        return ([b[:n] for b, n in zip(boxes, counts)], [sc[:n] for sc, n in zip(scores, counts)],
-                [lb[:n] for lb, n in zip(labels, counts)])
+        return valid_prefixes(valid, boxes, scores, labels)
 
     def assign_targets_to_proposals(self, proposals, gt_boxes, gt_labels):
         """torchvision's assignment (matched box per proposal, labels with 0 background and -1 ignored), on
