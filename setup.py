@@ -50,6 +50,21 @@ def _cmake_executable() -> str:
         return "cmake"
 
 
+# The drop-in module (acrst_fast.augment, acrst_fast._C) needs only these: torch and torchvision by lower bound
+# (tv_tensors: torchvision 0.16), so it installs beside another framework's torch. The engine (trainer, data,
+# evaluation, reports) is the `engine` extra, with the exact torch/torchvision that CI tests.
+REQUIRES = ["torch>=2.1", "torchvision>=0.16", "numpy"]
+ENGINE_PINS = ["torch==2.14.1", "torchvision==0.29.1"]  # the tested set (README: Installing)
+EXTRAS = {
+    "engine": ENGINE_PINS + ["pillow", "pycocotools>=2.0.7", "pyyaml>=6", "tqdm>=4.60", "tensorboard>=2.14",
+                             "matplotlib>=3.7"],
+    "fast_eval": ["faster-coco-eval>=1.6"],  # eval.backend: faster_coco_eval
+    "dali": ["nvidia-dali-cuda130>=2.4"],
+    # faster-coco-eval: the eval backend's test; mmengine: the mmdet adapter's tests (its real InstanceData)
+    "test": ["pytest>=7", "pybind11>=2.12", "cmake>=3.18", "faster-coco-eval>=1.6", "mmengine>=0.10"],
+}
+
+
 setup(
     name="acrst_fast",
     version="0.1.0",
@@ -58,24 +73,14 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=[
-        "acrst_fast", "acrst_fast.augment", "acrst_fast.data", "acrst_fast.models", "acrst_fast.engine",
-        "acrst_fast.evaluation", "acrst_fast.ops", "acrst_fast.ssmll", "acrst_fast.kernels",
+        "acrst_fast", "acrst_fast.augment", "acrst_fast.augment.adapters", "acrst_fast.data", "acrst_fast.models",
+        "acrst_fast.engine", "acrst_fast.evaluation", "acrst_fast.ops", "acrst_fast.ssmll", "acrst_fast.kernels",
     ],
     package_dir={"acrst_fast.kernels": "kernels"},
     package_data={"acrst_fast.data": ["coco_folds/*"]},
     ext_modules=[CMakeExtension("acrst_fast._C")],
     cmdclass={"build_ext": CMakeBuild},
-    install_requires=[
-        "torch==2.14.1",
-        "torchvision==0.29.1",
-        "numpy",
-        "pillow",
-        "pycocotools>=2.0.7",
-        "pyyaml>=6",
-        "tqdm>=4.60",
-        "tensorboard>=2.14",
-        "matplotlib>=3.7",
-    ],
-    extras_require={"test": ["pytest>=7", "pybind11>=2.12", "cmake>=3.18"], "dali": ["nvidia-dali-cuda130>=2.4"]},
+    install_requires=REQUIRES,
+    extras_require=EXTRAS,
     entry_points={"console_scripts": ["acrst-train=acrst_fast.train:main"]},
 )

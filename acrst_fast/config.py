@@ -13,6 +13,7 @@ from acrst_fast.errors import UserError
 import argparse
 import dataclasses
 import difflib
+import importlib.util
 import re
 import types
 import typing
@@ -27,6 +28,7 @@ from acrst_fast.engine.amp import AMP_MODES
 from acrst_fast.pseudo_labels import MODES as FILTER_MODES
 
 PHOTOMETRIC_MODES = ("auto", "batch", "per_image")  # augment.batched_photometric
+EVAL_BACKENDS = ("pycocotools", "faster_coco_eval")  # eval.backend (evaluation/coco_eval.py)
 BACKBONES = ("resnet50", "resnet18", "mobilenet_v2")  # model.backbone, ssmll.backbone (models/ build them)
 
 
@@ -245,6 +247,7 @@ class EvalConfig:
     # after mutual learning, train supervised training alone for the same steps from this run's burn-in
     # checkpoint (a branch into RUN_DIR/supervised) and print it beside the result: the equal-steps baseline
     supervised_branch: bool = False
+    backend: str = "pycocotools"  # pycocotools | faster_coco_eval (pip install faster-coco-eval): the same AP, faster
 
 
 @dataclass(frozen=True)
@@ -618,6 +621,9 @@ def _check_run(c: _Checks, cfg: Config) -> None:
     run = cfg.run
     # evaluation and run
     c.within("eval.period", cfg.eval.period, 0)
+    c.one_of("eval.backend", cfg.eval.backend, EVAL_BACKENDS)
+    c.need(cfg.eval.backend != "faster_coco_eval" or importlib.util.find_spec("faster_coco_eval") is not None,
+           "eval.backend", "is faster_coco_eval, which is not installed: pip install faster-coco-eval")
     c.one_of("run.device", run.device, ("auto", "cpu", "cuda"))
     c.within("run.checkpoint_period", run.checkpoint_period, 0)
     c.within("run.keep_checkpoints", run.keep_checkpoints, 1)

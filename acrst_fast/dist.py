@@ -10,6 +10,10 @@ through the default group (`group_for`). `ACRST_DIST_BACKEND` overrides the defa
 backend; the tests start it as `cuda:gloo`, which like NCCL refuses CPU tensors, so a CPU tensor
 that reaches the default group fails in CI as it would on GPUs. `ACRST_DIST_FORCE=1` starts the
 groups even for one process (`torchrun --nproc_per_node=1`), so one GPU runs the NCCL code paths.
+
+The gloo group is made on first use when the process group was started by someone else (a user's
+own trainer calling `torch.distributed.init_process_group`, as torchvision's references do): making
+it is collective, and every rank reaches its first CPU collective at the same call.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ import torch
 import torch.distributed as td
 
 _CPU_GROUP: Any = None  # the gloo group for CPU tensors (None when not distributed)
+_CPU_GROUP_OF: Any = None  # the default group it was made beside
 TIMEOUT = datetime.timedelta(minutes=int(os.environ.get("ACRST_DIST_TIMEOUT_MIN", "30")))
 
 
@@ -55,25 +60,30 @@ def init_distributed(device_pref: str = "auto") -> DistInfo:
     if (world > 1 or force) and not td.is_initialized():
         backend = os.environ.get("ACRST_DIST_BACKEND") or ("nccl" if use_cuda else "gloo")
         td.init_process_group(backend=backend, timeout=TIMEOUT, device_id=device if use_cuda else None)
-    global _CPU_GROUP
-    if td.is_initialized() and _CPU_GROUP is None:
-        _CPU_GROUP = td.new_group(backend="gloo", timeout=TIMEOUT)
+    cpu_group()
     return DistInfo(rank, world, local_rank, device)
 
 
 def cpu_group() -> Any:
-    """The gloo group every CPU-tensor collective uses."""
+    """The gloo group every CPU-tensor collective uses (None when not distributed), made on first use.
+    A process group destroyed and started again gets a new one."""
+    global _CPU_GROUP, _CPU_GROUP_OF
+    if not td.is_initialized():
+        return None
+    default = td.group.WORLD
+    if _CPU_GROUP is None or _CPU_GROUP_OF is not default:
+        _CPU_GROUP, _CPU_GROUP_OF = td.new_group(backend="gloo", timeout=TIMEOUT), default
     return _CPU_GROUP
 
 
 def group_for(t: torch.Tensor) -> Any:
     """The group that reduces `t`: the default group (NCCL on GPUs) for device tensors, gloo for CPU ones."""
-    return _CPU_GROUP if t.device.type == "cpu" else None
+    return cpu_group() if t.device.type == "cpu" else None
 
 
 def device_group(device: torch.device) -> Any:
     """The group DDP reduces gradients of a model on `device` over."""
-    return _CPU_GROUP if device.type == "cpu" else None
+    return cpu_group() if device.type == "cpu" else None
 
 
 def all_reduce(t: torch.Tensor, op: Any = None) -> torch.Tensor:
@@ -93,7 +103,7 @@ def rank() -> int:
 
 def barrier() -> None:
     if td.is_initialized():
-        td.barrier(group=_CPU_GROUP)
+        td.barrier(group=cpu_group())
 
 
 def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
@@ -123,7 +133,7 @@ def gather_to_main(obj: Any) -> list[Any] | None:
     if not td.is_initialized():
         return [obj]
     out = [None] * td.get_world_size() if td.get_rank() == 0 else None
-    td.gather_object(obj, out, dst=0, group=_CPU_GROUP)
+    td.gather_object(obj, out, dst=0, group=cpu_group())
     return out
 
 
@@ -131,7 +141,7 @@ def broadcast_from_main(obj: Any) -> Any:
     if not td.is_initialized():
         return obj
     box = [obj]
-    td.broadcast_object_list(box, src=0, group=_CPU_GROUP)
+    td.broadcast_object_list(box, src=0, group=cpu_group())
     return box[0]
 
 
@@ -140,12 +150,12 @@ def all_gather_object(obj: Any) -> list[Any]:
     if not td.is_initialized():
         return [obj]
     out = [None] * td.get_world_size()
-    td.all_gather_object(out, obj, group=_CPU_GROUP)
+    td.all_gather_object(out, obj, group=cpu_group())
     return out
 
 
 def shutdown() -> None:
-    global _CPU_GROUP
+    global _CPU_GROUP, _CPU_GROUP_OF
     if td.is_initialized():
         td.destroy_process_group()
-    _CPU_GROUP = None
+    _CPU_GROUP = _CPU_GROUP_OF = None

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from acrst_fast.augment.host import upload
+from acrst_fast.host import upload
 
 MODES = ("single", "two_stage", "mining")
 

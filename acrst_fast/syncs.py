@@ -10,7 +10,7 @@ nothing synchronises, so `SyncCounter` counts the calls that *would* synchronise
 Each call is charged to the innermost frame outside torch's own Python: a line of the project
 (`acrst_fast/`, `kernels/`) or of a library (torchvision, ...). Conservative on the CPU: a call on
 a tensor that would live on the host in a CUDA run counts too, unless the tensor is marked as
-host data by design (`acrst_fast.augment.host.mark_host`: random draws, data-loader targets,
+host data by design (`acrst_fast.host.mark_host`: random draws, data-loader targets,
 collective packets of CPU values); other host bookkeeping is kept in NumPy, which is not counted. Code
 that only a CPU run takes, where the CUDA run takes a path without reads (`off_cuda_path()`: the
 reference NMS of `kernels/nms.py`), is not counted either. While counting, `torch.inference_mode` runs as
@@ -103,7 +103,7 @@ class SyncCounter(TorchDispatchMode):
             self._saved[name] = original
 
             def patched(self_, *args, __original=original, **kwargs):
-                if not getattr(self_, "_acrst_host", False):  # host data by design (augment.host.mark_host)
+                if not getattr(self_, "_acrst_host", False):  # host data by design (acrst_fast.host.mark_host)
                     counter._charge()
                 counter._busy = True
                 try:

@@ -153,7 +153,7 @@ def _hooks(cfg: Config, runner, stage, data_cfg, datasets, info: dist.DistInfo, 
     log line of a step is on disk before its checkpoint, so a kill between them resumes from the
     previous checkpoint and drops the newer lines (log and checkpoints always agree)."""
     run_dir, total = Path(cfg.run.output_dir), cfg.solver.total_steps
-    evaluator = Evaluator(data_cfg.val_json, datasets.categories)
+    evaluator = Evaluator(data_cfg.val_json, datasets.categories, cfg.eval.backend)
     refresh = (lambda: refresh_report(run_dir)) if (cfg.eval.report and info.is_main) else None
     hooks = [LRScheduleHook(runner.optimizer, lambda step: lr_at(step, cfg.solver)), EMAHook(runner),
              EvalHook(runner, lambda model: evaluator(model, stage.val(), info.device), writer, cfg.eval.period, total,

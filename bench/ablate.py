@@ -8,8 +8,9 @@ per seed, every row branched from it for the same number of steps, rows compared
 1. Burn-in, once per seed: supervised training for `--burn-in` steps (default: the config's
    solver.pretrain_steps) into OUT/burn_in/seedS, evaluated every `--eval-period` steps, with the Labeled
    CropBank filling (nothing is pasted during burn-in). Its AP curve is printed with the plateau rule: the
-   burn-in is at its plateau when its last two evaluations gained at most PLATEAU_AP AP; otherwise the
-   table says so (lengthen --burn-in).
+   burn-in is at its plateau when the mean AP of its last PLATEAU_WINDOW evaluations exceeds the mean of
+   the PLATEAU_WINDOW before them by at most PLATEAU_AP (a window, because one evaluation on a small
+   validation split moves by a few AP); otherwise the table says so (lengthen --burn-in).
 2. Rows, each a branch of that burn-in (`train --branch-from`, same seed: the rows of a seed see the same
    labeled batches) for the same `--mutual` steps (default: total_steps - pretrain_steps): `sup` continues
    supervised training, the others start mutual learning. Rows start from plain Mean Teacher (ACRST and
@@ -38,7 +39,8 @@ from pathlib import Path
 
 from acrst_fast import metric_names as M
 
-PLATEAU_AP = 1.0  # the burn-in's plateau rule: its last two evaluations gained at most this much AP
+PLATEAU_AP = 1.0  # the burn-in's plateau rule: the mean AP of its last PLATEAU_WINDOW evaluations exceeds
+PLATEAU_WINDOW = 3  # the mean of the PLATEAU_WINDOW before them by at most PLATEAU_AP
 MEAN_TEACHER = ["acrst.fbr=false", "acrst.selective_supervision=false", "ssmll.filter=single"]
 FBR, AFFR, SS, TWO_STAGE = (["acrst.fbr=true", "acrst.beta=0"], ["acrst.fbr=true", "acrst.beta=0.6"],
                             ["acrst.selective_supervision=true"], ["ssmll.filter=two_stage"])
@@ -131,8 +133,19 @@ def burn_in_curve(run_dir: Path) -> list[tuple[int, float]]:
 
 
 def at_plateau(curve: list[tuple[int, float]]) -> bool:
-    """The plateau rule: the last two evaluations gained at most PLATEAU_AP AP (needs 3 evaluations)."""
-    return len(curve) >= 3 and curve[-1][1] - curve[-3][1] <= PLATEAU_AP
+    """The plateau rule (needs 2 x PLATEAU_WINDOW evaluations): see `plateau_gain`."""
+    gain = plateau_gain(curve)
+    return gain is not None and gain <= PLATEAU_AP
+
+
+def plateau_gain(curve: list[tuple[int, float]]) -> float | None:
+    """Mean AP of the last PLATEAU_WINDOW evaluations minus the mean of the PLATEAU_WINDOW before them;
+    None with fewer than 2 x PLATEAU_WINDOW evaluations."""
+    w = PLATEAU_WINDOW
+    if len(curve) < 2 * w:
+        return None
+    aps = [ap for _, ap in curve]
+    return sum(aps[-w:]) / w - sum(aps[-2 * w:-w]) / w
 
 
 def rare_visibility(run_dir: Path, branch_step: int, rare: list[str]) -> dict[str, dict[str, float]]:
@@ -242,10 +255,13 @@ def paired_table(results: dict[str, list[dict]], rare: list[str]) -> list[str]:
 
 
 def burn_in_lines(curves: dict[int, list[tuple[int, float]]]) -> list[str]:
-    lines = [f"burn-in AP curve per seed (plateau rule: the last two evaluations gained <= {PLATEAU_AP} AP):"]
+    lines = [f"burn-in AP curve per seed (plateau rule: the mean AP of the last {PLATEAU_WINDOW} evaluations exceeds "
+             f"the mean of the {PLATEAU_WINDOW} before them by <= {PLATEAU_AP} AP):"]
     for seed, curve in curves.items():
         pts = ", ".join(f"{s}: {ap:.2f}" for s, ap in curve)
-        lines.append(f"  seed {seed}: {pts}  -> {'at its plateau' if at_plateau(curve) else 'NOT at its plateau'}")
+        gain = plateau_gain(curve)
+        said = "too few evaluations" if gain is None else f"window gain {gain:+.2f}"
+        lines.append(f"  seed {seed}: {pts}  -> {said}, {'at its plateau' if at_plateau(curve) else 'NOT at its plateau'}")
     return lines
 
 

@@ -3,7 +3,7 @@
 # starting new steps after BUDGET seconds (default 540).
 #
 #   bash gpu_check.sh [REPO_DIR]          (default: the current directory; it must be the repo root)
-#   SKIP_INSTALL=1 bash gpu_check.sh      (already installed: pip install -e ".[test,dali]")
+#   SKIP_INSTALL=1 bash gpu_check.sh      (already installed: pip install -e ".[engine,test,dali]")
 #   OFFLINE=1 bash gpu_check.sh           (no package index, torch already there, as on the lent H200: builds
 #                                          acrst_fast._C with --no-deps and takes other wheels from .whl/)
 #   BUDGET=900 bash gpu_check.sh          (more time: every step runs)
@@ -68,7 +68,7 @@ if [ "${OFFLINE:-0}" = 1 ]; then
       --no-deps --target /tmp/site .whl/*.whl; }"
   export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 elif [ "${SKIP_INSTALL:-0}" != 1 ]; then
-  TAIL=15 run install 330 "$PY" -m pip install -q --disable-pip-version-check -e ".[test,dali]"
+  TAIL=15 run install 330 "$PY" -m pip install -q --disable-pip-version-check -e ".[engine,test,dali]"
 fi
 TAIL=10 run env_check 60 "$PY" -c '
 import torch, triton

@@ -65,9 +65,12 @@ def test_comparisons_against_supervised_and_mean_teacher():
 
 
 def test_plateau_rule_and_rare_class_visibility(tmp_path):
-    assert ablate.at_plateau([(100, 40.0), (200, 47.0), (300, 47.5), (400, 48.0)])
-    assert not ablate.at_plateau([(100, 40.0), (200, 44.0), (300, 46.5)])
-    assert not ablate.at_plateau([(100, 40.0), (200, 40.0)])  # too few evaluations to tell
+    flat = [(100 * i, ap) for i, ap in enumerate([30.0, 47.0, 50.0, 46.0, 48.5, 47.0, 49.5], 1)]
+    assert ablate.plateau_gain(flat) == pytest.approx((48.5 + 47.0 + 49.5) / 3 - (47.0 + 50.0 + 46.0) / 3)
+    assert ablate.at_plateau(flat)  # noisy but flat: one evaluation's +2.5 does not count
+    climbing = [(100 * i, ap) for i, ap in enumerate([40.0, 42.0, 44.0, 46.0, 48.0, 47.0], 1)]
+    assert not ablate.at_plateau(climbing)  # +5 AP between the windows, though the last evaluation fell
+    assert ablate.plateau_gain(flat[:5]) is None and not ablate.at_plateau(flat[:5])  # too few to tell
     recs = [{"kind": "train", "step": 10, "pseudo/count/r": 9.0},  # before the branch point: not counted
             {"kind": "branch", "step": 10},
             {"kind": "train", "step": 20, "pseudo/count/r": 0.5, "acrst/pasted_labeled/r": 4.0,

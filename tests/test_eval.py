@@ -2,12 +2,15 @@
 import contextlib
 import io
 import json
+from pathlib import Path
 
+import numpy as np
 import pytest
 from pycocotools.coco import COCO
 
 from acrst_fast.data.coco import Categories
-from acrst_fast.evaluation.coco_eval import coco_metrics, voc_ap50
+from conftest import REPO, seeds
+from acrst_fast.evaluation.coco_eval import METRIC_NAMES, coco_metrics, ground_truth, voc_ap50
 
 CATS = Categories(ids=(1, 5), names=("a", "b"))
 
@@ -66,3 +69,60 @@ def test_crowd_boxes_are_ignored_by_voc_ap(tmp_path):
     res = [{"image_id": 1, "category_id": 1, "bbox": [60, 60, 30, 30], "score": 0.95},
            {"image_id": 1, "category_id": 1, "bbox": [10, 10, 40, 40], "score": 0.9}]
     assert voc_ap50(gt, res, Categories(ids=(1,), names=("a",))) == pytest.approx(100.0)
+
+
+SHIPPED = Path(__file__).parent / "data" / "coco" / "annotations"
+
+
+def _noisy_detections(gt: dict, seed: int) -> list[dict]:
+    """Detections of a COCO json's objects: each found (or missed) with jittered boxes, some with the wrong
+    class, plus false positives; scores random (ties included)."""
+    rng = np.random.default_rng(seed)
+    cats = [c["id"] for c in gt["categories"]]
+    sizes = {im["id"]: (im["width"], im["height"]) for im in gt["images"]}
+    out = []
+    for a in gt["annotations"]:
+        if rng.random() < 0.2:
+            continue
+        x, y, w, h = a["bbox"]
+        jit = rng.normal(0, 0.1, 4) * [w, h, w, h]
+        cat = a["category_id"] if rng.random() < 0.85 else int(rng.choice(cats))
+        out.append({"image_id": a["image_id"], "category_id": cat, "score": float(rng.choice([0.5, rng.random()])),
+                    "bbox": [float(x + jit[0]), float(y + jit[1]), float(max(w + jit[2], 1)), float(max(h + jit[3], 1))]})
+    for image_id, (width, height) in sizes.items():
+        for _ in range(int(rng.integers(0, 6))):
+            x, y = rng.random() * width * 0.8, rng.random() * height * 0.8
+            out.append({"image_id": image_id, "category_id": int(rng.choice(cats)), "score": float(rng.random()),
+                        "bbox": [float(x), float(y), float(rng.random() * width * 0.2 + 2), float(rng.random() * height * 0.2 + 2)]})
+    return out
+
+
+@pytest.mark.parametrize("split", ["val2017", "train2017"])
+@pytest.mark.parametrize("seed", seeds())
+def test_faster_coco_eval_gives_pycocotools_ap(split, seed):
+    """eval.backend faster_coco_eval scores the shipped COCO photos' labels as pycocotools does (1e-4)."""
+    path = SHIPPED / f"instances_{split}.json"
+    data = json.loads(path.read_text())
+    categories = Categories(ids=tuple(c["id"] for c in data["categories"]),
+                            names=tuple(c["name"] for c in data["categories"]))
+    results = _noisy_detections(data, seed)
+    ref = coco_metrics(ground_truth(str(path), "pycocotools"), results, categories)
+    fast_gt = ground_truth(str(path), "faster_coco_eval")
+    assert type(fast_gt).__module__.startswith("faster_coco_eval")  # the other backend really ran
+    fast = coco_metrics(fast_gt, results, categories)
+    assert 5.0 < ref["AP"] < 95.0  # neither trivial nor perfect
+    for name in METRIC_NAMES:
+        assert fast[name] == pytest.approx(ref[name], abs=1e-4), name
+    present = [n for n, v in ref["AP_per_class"].items() if v == v]
+    assert len(present) > 5
+    for name in ref["AP_per_class"]:
+        assert fast["AP_per_class"][name] == pytest.approx(ref["AP_per_class"][name], abs=1e-4, nan_ok=True), name
+
+
+def test_eval_backend_is_checked(tmp_path):
+    from acrst_fast.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="eval.backend"):
+        load_config(str(REPO / "configs/demo.yaml"), ["eval.backend=detectron2"])
+    with pytest.raises(ValueError, match="eval.backend"):
+        ground_truth(str(SHIPPED / "instances_val2017.json"), "fast")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from acrst_fast.augment.affr import class_histogram
-from acrst_fast.augment.host import mark_host, to_host, upload
+from acrst_fast.host import mark_host, to_host, upload
 from acrst_fast.syncs import SyncCounter
 from conftest import REPO, cpu_and_cuda, tiny_config_dict, write_config
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torchvision.ops import roi_align
 
-from acrst_fast.augment.host import to_host, upload
+from acrst_fast.host import to_host, upload
 from acrst_fast.augment.pixels import stack_padded
 
 LABELED, PSEUDO = 0, 1
@@ -73,10 +73,12 @@ class CropBank:
         return torch.from_numpy(self._class_of_slot).to(self.device)
 
     def add(self, source: int, images: list[torch.Tensor], boxes: list[torch.Tensor], labels: list[torch.Tensor],
-            scores: list[torch.Tensor] | None = None, generator: torch.Generator | None = None) -> int:
+            scores: list[torch.Tensor] | None = None, generator: torch.Generator | None = None,
+            check_labels=None) -> int:
         """Crop `boxes` out of `images` (Tensor[3, H, W] float in [0, 1]) into the `source` sub-bank.
 
         Returns how many offers were taken. Boxes narrower or shorter than 2 pixels are skipped.
+        check_labels(list of int64 arrays, one per image): called on the labels once they are on the host.
         One host read for the whole batch (labels and boxes, for slot assignment), one roi_align
         and one scatter: no per-box work on the device.
         """
@@ -87,6 +89,8 @@ class CropBank:
         all_boxes = torch.cat([b.reshape(-1, 4) for b in boxes]).to(dev, torch.float32)
         all_labels = torch.cat([lab.reshape(-1) for lab in labels])
         hb, hl = to_host(all_boxes, all_labels)  # the one read
+        if check_labels is not None:
+            check_labels(np.split(hl.astype(np.int64), np.cumsum(sizes)[:-1]))
         image_of = np.repeat(np.arange(len(sizes)), sizes)
         ok = ((hb[:, 2:] - hb[:, :2]) >= 2).all(axis=1)
         offers, slots = self._take_slots(source, np.flatnonzero(ok), hl.astype(np.int64), generator)

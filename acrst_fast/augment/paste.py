@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from acrst_fast.augment.host import mark_host
+from acrst_fast.host import mark_host
 # columns of the op table, Tensor[P, 7] int64 (defined below the kernels, which read it too)
 from acrst_fast.kernels.crop_paste import (  # noqa: F401 - the op table and the reference, re-exported
     OP_FLIP, OP_H, OP_IMAGE, OP_SLOT, OP_W, OP_X0, OP_Y0, paste_pixels_ref, resize_bilinear,

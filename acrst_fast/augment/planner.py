@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from acrst_fast import _ext
-from acrst_fast.augment.host import mark_host, to_host
+from acrst_fast.host import mark_host, to_host
 from acrst_fast.augment.paste import PasteConfig, PastePlan, draw_uniforms, merge_pastes_ref, plan_paste_ref
 
 

@@ -23,7 +23,7 @@ from typing import Iterator, Protocol
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from acrst_fast.augment.host import mark_host, upload
+from acrst_fast.host import mark_host, upload
 from acrst_fast.config import AugmentConfig
 from acrst_fast.data.coco import DataError, ImageRecord, decode_image
 from acrst_fast.data.photometric_batch import apply_strong_batch

@@ -5,7 +5,7 @@ number of batched launches instead of a few per image.
     out = apply_strong_batch(images, params)   # images: list of Tensor[3, H_i, W_i] float in [0, 1]
 
 Each image keeps its own draws (`StrongParams`). The per-image factors, kernels and rectangles are packed
-on the host and uploaded once (`augment.host.upload`: page-locked, non-blocking); which images an op
+on the host and uploaded once (`acrst_fast.host.upload`: page-locked, non-blocking); which images an op
 touches is host knowledge (the draws), so nothing reads the device. An op runs only on the images that
 draw it: jitter slot j runs each of the four ops on the images whose j-th op it is, the blur one grouped
 conv per kernel size. Means (contrast) are taken over each image's own pixels, and the blur reflects at
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torchvision.transforms.v2.functional._color import _hsv_to_rgb, _rgb_to_hsv
 from torchvision.transforms.v2.functional._misc import _get_gaussian_kernel2d
 
-from acrst_fast.augment.host import upload
+from acrst_fast.host import upload
 from acrst_fast.data.transforms import StrongParams, blur_kernel_size
 
 _IDENTITY = (1.0, 1.0, 1.0, 0.0)  # brightness, contrast, saturation, hue

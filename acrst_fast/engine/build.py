@@ -45,7 +45,8 @@ def build_acrst(cfg: Config, num_classes: int, device: torch.device) -> ACRST:
                         scale_max=a.scale_range[1], flip_prob=a.flip_prob, min_size=a.min_size,
                         visibility_threshold=a.visibility_threshold)
     return ACRST(num_classes, capacity=a.capacity_per_class, crop_size=a.crop_size, paste=paste, beta=a.beta,
-                 pr_window=a.pr_window, pr_threshold=a.pr_threshold, sources=tuple(a.banks), device=device)
+                 pr_window=a.pr_window, pr_threshold=a.pr_threshold, sources=tuple(a.banks), device=device,
+                 range_check="never")  # the loader's images are in [0, 1] by construction: no extra read
 
 
 def class_counts(records, num_classes: int) -> torch.Tensor:

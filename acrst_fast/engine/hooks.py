@@ -20,7 +20,7 @@ from tqdm import tqdm
 from acrst_fast import dist
 from acrst_fast import metric_names as M
 from acrst_fast.config import SolverConfig
-from acrst_fast.augment.host import to_host
+from acrst_fast.host import to_host
 from acrst_fast.engine import checkpoint as ckpt
 from acrst_fast.engine.outputs import PHASE_MUTUAL, Deferred, StepOutput, resolve_deferred
 from acrst_fast.engine.trainer import HookBase, Trainer

@@ -29,7 +29,7 @@ from torch import nn
 
 from acrst_fast import metric_names as M
 from acrst_fast.augment import ACRST, class_histogram
-from acrst_fast.augment.host import mark_host
+from acrst_fast.host import mark_host
 from acrst_fast.config import Config
 from acrst_fast.data.loader import Batch, DataStage, apply_pending
 from acrst_fast.engine.amp import Precision, float_outputs

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from acrst_fast import metric_names as M
-from acrst_fast.augment.host import to_host
+from acrst_fast.host import to_host
 
 PHASE_PRETRAIN, PHASE_MUTUAL = "pretrain", "mutual"
 

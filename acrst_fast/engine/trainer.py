@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import torch
 
 from acrst_fast import dist
-from acrst_fast.augment.host import mark_host
+from acrst_fast.host import mark_host
 
 
 class TrainingInterrupted(Exception):

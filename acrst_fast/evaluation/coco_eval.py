@@ -1,4 +1,7 @@
-"""COCO AP (pycocotools) and VOC-style AP50 of a detector on a held-out COCO-format split.
+"""COCO AP (pycocotools, or faster-coco-eval) and VOC-style AP50 of a detector on a held-out COCO-format split.
+
+`eval.backend`: `pycocotools` (the reference) or `faster_coco_eval` (its C++ drop-in, on the package index;
+the same AP within 1e-4, tests/test_eval.py; `bench/coco_eval.py` times both at COCO scale).
 
 Predictions are made per rank on its shard, gathered on rank 0, scored there, and the metrics
 are broadcast so every rank returns the same dict.
@@ -15,14 +18,30 @@ from typing import Iterable
 import numpy as np
 import torch
 from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 
 from acrst_fast import dist
+from acrst_fast.config import EVAL_BACKENDS
 from acrst_fast.data.coco import Categories, read_json
 from acrst_fast.data.loader import Batch
 from acrst_fast.data.transforms import boxes_to_original
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+BACKENDS = EVAL_BACKENDS
+
+
+def backend_classes(backend: str):
+    """(COCO, COCOeval) of `backend`; faster-coco-eval is imported only when asked for."""
+    if backend == "pycocotools":
+        from pycocotools.cocoeval import COCOeval
+
+        return COCO, COCOeval
+    if backend == "faster_coco_eval":
+        try:
+            from faster_coco_eval import COCO as FastCOCO, COCOeval_faster
+        except ImportError:
+            raise ImportError("eval.backend 'faster_coco_eval' needs the package: pip install faster-coco-eval") from None
+        return FastCOCO, COCOeval_faster
+    raise ValueError(f"eval.backend must be one of {BACKENDS}, got {backend!r}")
 
 
 @torch.no_grad()
@@ -45,13 +64,15 @@ def predict(model: torch.nn.Module, batches: Iterable[Batch], categories: Catego
 
 
 def coco_metrics(gt: COCO, results: list[dict], categories: Categories) -> dict:
-    """pycocotools bbox evaluation; an empty result list scores 0 everywhere (pycocotools cannot load it)."""
+    """COCO bbox evaluation by the backend `gt` comes from (`ground_truth`); an empty result list scores 0
+    everywhere (pycocotools cannot load it)."""
     zero = {k: 0.0 for k in METRIC_NAMES} | {"AP_per_class": {n: 0.0 for n in categories.names}}
     if not results:
         return zero
+    _, cocoeval = backend_classes(getattr(gt, "_acrst_backend", "pycocotools"))
     with contextlib.redirect_stdout(io.StringIO()):
         dt = gt.loadRes(results)
-        ev = COCOeval(gt, dt, iouType="bbox")
+        ev = cocoeval(gt, dt, iouType="bbox")
         ev.params.imgIds = sorted(gt.getImgIds())
         ev.evaluate()
         ev.accumulate()
@@ -120,24 +141,26 @@ def voc_ap50(gt: COCO, results: list[dict], categories: Categories) -> float:
     return float(np.mean(aps)) * 100 if aps else 0.0
 
 
-def ground_truth(val_json: str) -> COCO:
-    """pycocotools' COCO of a validated json, with the fields exports often leave out filled in:
+def ground_truth(val_json: str, backend: str = "pycocotools") -> COCO:
+    """The backend's COCO of a validated json, with the fields exports often leave out filled in:
     `area` (box width x height) and `iscrowd` (0). pycocotools needs both."""
+    coco_class, _ = backend_classes(backend)
     data = read_json(val_json)
     anns = [dict(a, area=a.get("area", a["bbox"][2] * a["bbox"][3]), iscrowd=int(a.get("iscrowd", 0)))
             for a in data.get("annotations", [])]
-    gt = COCO()
+    gt = coco_class()
     gt.dataset = dict(data, annotations=anns, categories=data.get("categories", []))
     with contextlib.redirect_stdout(io.StringIO()):
         gt.createIndex()
+    gt._acrst_backend = backend
     return gt
 
 
 class Evaluator:
     """Scores a model on the validation split. Call on every rank; all get the same metrics."""
 
-    def __init__(self, val_json: str, categories: Categories):
-        self.gt = ground_truth(val_json)
+    def __init__(self, val_json: str, categories: Categories, backend: str = "pycocotools"):
+        self.gt = ground_truth(val_json, backend)
         self.categories = categories
 
     def __call__(self, model: torch.nn.Module, batches: Iterable[Batch], device: torch.device) -> dict:

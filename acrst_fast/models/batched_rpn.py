@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.models.detection.rpn import RegionProposalNetwork
 
-from acrst_fast.augment.host import upload
+from acrst_fast.host import upload
 from acrst_fast.kernels.nms import nms_segments
 
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import mobilenet_v2, resnet18, resnet50
 
-from acrst_fast.augment.host import upload
+from acrst_fast.host import upload
 from acrst_fast.config import SSMLLConfig
 from acrst_fast.models.detector import WeightsError, backbone_file, load_matching, load_state_dict_file
 

@@ -1,5 +1,6 @@
-"""One host read for many tensors: the ACRST parts that need values on the host (slot assignment,
-paste planning) gather everything they need in a single device-to-host copy.
+"""One host read for many tensors: the parts that need values on the host (slot assignment, paste
+planning) gather everything they need in a single device-to-host copy. The package's bottom floor: the
+augmentation module, the models, the engine, the loader and SSMLL import it; it imports nothing of the package.
 
     boxes, labels, mu = to_host(boxes_dev, labels_dev, mu_dev)   # NumPy arrays, original shapes
 
