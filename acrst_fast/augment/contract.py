@@ -72,10 +72,7 @@ class Contract:
             dtypes.add(im.dtype)
         if len(dtypes) > 1:
             raise ValueError(f"{call}: {name} mix dtypes {sorted(map(str, dtypes))}; pass one dtype per call")
-        if paste_target:
-            self.on_device(call, name, images, allow_cpu=False)
-        else:
-            self.on_device(call, name, images)
+        self.on_device(call, name, images, allow_cpu=not paste_target)
         was_uint8 = dtypes == {torch.uint8}
         if was_uint8:
             images = [im.float().div_(255) for im in images]
@@ -97,10 +94,8 @@ class Contract:
             if name in named_images:
                 _check_image_range(call, name, lo, hi)
             elif lo < 1 or hi > self.num_classes:
-                first, last = self.label_offset, self.num_classes - 1 + self.label_offset
                 shown = [int(v) - 1 + self.label_offset for v in (lo, hi)]
-                raise ValueError(f"{call}: {name} hold classes {shown[0]}..{shown[1]}, outside {first}..{last} "
-                                 f"(label_offset={self.label_offset})")
+                raise ValueError(f"{call}: {name} hold classes {shown[0]}..{shown[1]}, outside {self._classes()}")
 
     @staticmethod
     def images_out(images: list[torch.Tensor], was_uint8: bool) -> list[torch.Tensor]:
@@ -172,10 +167,13 @@ class Contract:
         for i, lab in enumerate(host_labels):
             bad = (lab < 1) | (lab > self.num_classes)
             if bad.any():
-                lo, hi = self.label_offset, self.num_classes - 1 + self.label_offset
                 hint = " (0-based labels: label_offset=0)" if self.label_offset == 1 and (lab == 0).any() else ""
                 raise ValueError(f"{call}: {name}[{i}] holds class {int(lab[bad][0]) - 1 + self.label_offset}, "
-                                 f"outside {lo}..{hi} (label_offset={self.label_offset}){hint}")
+                                 f"outside {self._classes()}{hint}")
+
+    def _classes(self) -> str:
+        """The class ids this contract takes, as the caller numbers them."""
+        return f"{self.label_offset}..{self.num_classes - 1 + self.label_offset} (label_offset={self.label_offset})"
 
     def predictions_in(self, call: str, name: str, preds, n_images: int) -> list[dict[str, torch.Tensor]]:
         """Teacher outputs (dicts with boxes, labels, scores) as xyxy boxes, 1..K labels, float scores."""

@@ -182,7 +182,7 @@ class ACRST:
         warn_if_reg_weight_ignored(model)
         images, boxes, labels, pasted, source, xyxy = self._checked(
             call, [(images, [t["boxes"] for t in targets], [t["labels"] for t in targets], generator)], [""],
-            box_name="targets[*]['boxes']", label_name="targets[*]['labels']")[0]
+            box_name="targets[*]['boxes']", label_name="targets[*]['labels']", with_source=True)[0]
         out = []
         for t, b, lab, p, src, bx, ks in zip(targets, boxes, labels, pasted, source, xyxy, keys):
             new = dict(t) | {"boxes": b, "labels": lab}
@@ -193,9 +193,9 @@ class ACRST:
         return images, out
 
     def _checked(self, call: str, batches, prefixes: list[str], box_name: str = "boxes",
-                 label_name: str = "labels") -> list[tuple]:
+                 label_name: str = "labels", with_source: bool = False) -> list[tuple]:
         """The contract around `_rebalance`: per batch (images, boxes, labels, pasted, source_index, xyxy
-        boxes), each as the caller gave it (contract.py)."""
+        boxes), each as the caller gave it (contract.py); source_index only `with_source` (else None)."""
         c, ins = self.contract, []
         for (images, boxes, labels, gen), pre in zip(batches, prefixes):
             ims, was_uint8 = c.images_in(call, pre + "images", images, paste_target=True)
@@ -207,14 +207,16 @@ class ACRST:
         if self._values_due(call):
             c.check_values(call, {pre + "images": i[0] for pre, i in zip(prefixes, ins)})
         results = self._rebalance([i[:4] for i in ins], owned=[i[4] for i in ins],
-                                  check=lambda b, host: c.check_label_values(call, prefixes[b] + label_name, host))
+                                  check=lambda b, host: c.check_label_values(call, prefixes[b] + label_name, host),
+                                  with_source=with_source)
         return [(c.images_out(ims, i[4]), c.boxes_out(boxes, i[5]), c.labels_out(labels), pasted, src, boxes)
                 for (ims, boxes, labels, pasted, src), i in zip(results, ins)]
 
-    def _rebalance(self, batches, owned: list[bool], check) -> list[tuple]:
+    def _rebalance(self, batches, owned: list[bool], check, with_source: bool = False) -> list[tuple]:
         """The paste on checked inputs (float [0, 1] images, xyxy boxes, labels 1..K): per batch (images,
-        boxes, labels, pasted, source_index). `owned[b]`: batch b's images are copies made here (pasted in
-        place on the reference path; the caller's own are copied first). check(b, host labels)."""
+        boxes, labels, pasted, source_index: None per image unless `with_source`). `owned[b]`: batch b's
+        images are copies made here (pasted in place on the reference path; the caller's own are copied
+        first). check(b, host labels)."""
         t0 = self._clock()
         slots, classes, size_hw = self.bank.entries_host(self.sources)
         draws = [draw_uniforms(len(b[0]), self.paste_cfg, b[3]) for b in batches]
@@ -243,7 +245,7 @@ class ACRST:
                                      bank_hw=self.bank.stored_hw_host())
         self._add_time("paste", t0)
         dev = images[0].device if images else torch.device("cpu")
-        boxes, labels, pasted, source = self._upload_plans(plans, own_boxes, dev)
+        boxes, labels, pasted, source = self._upload_plans(plans, own_boxes if with_source else None, dev)
         out, self.pasted_per_image = [], []
         for (ims, _, _, _), plan, o in zip(batches, plans, offsets[:-1]):  # o: the batch's first image
             n = len(ims)
@@ -254,14 +256,14 @@ class ACRST:
         return out
 
     @staticmethod
-    def _upload_plans(plans: list[PastePlan], own_boxes: list[np.ndarray], dev: torch.device) -> tuple:
-        """The plans' boxes, labels, pasted flags and source indices (survivor_index), per image, on `dev`
-        in one upload."""
+    def _upload_plans(plans: list[PastePlan], own_boxes: list[np.ndarray] | None, dev: torch.device) -> tuple:
+        """The plans' boxes, labels, pasted flags and, given the images' own boxes, source indices
+        (survivor_index; else None per image), per image, on `dev` in one upload."""
         merged = [(b, p) for plan in plans for b, p in zip(plan.boxes, plan.pasted)]
         per_image = [len(b) for b, _ in merged]
         # the plans are the host planner's output: host data, no read of a device
-        source = [torch.from_numpy(survivor_index(own, mark_host(b), mark_host(p)))
-                  for own, (b, p) in zip(own_boxes, merged)]
+        source = [] if own_boxes is None else [torch.from_numpy(survivor_index(own, mark_host(b), mark_host(p)))
+                                               for own, (b, p) in zip(own_boxes, merged)]
         up = torch.cat([torch.cat(p.boxes).reshape(-1).float() for p in plans] +
                        [torch.cat(p.labels).reshape(-1).float() for p in plans] +  # class ids: exact in float32
                        [torch.cat(p.pasted).reshape(-1).float() for p in plans] +
@@ -269,7 +271,8 @@ class ACRST:
         up = upload(up, dev)
         n = sum(per_image)
         return (up[:4 * n].reshape(-1, 4).split(per_image), up[4 * n:5 * n].long().split(per_image),
-                (up[5 * n:6 * n] > 0).split(per_image), up[6 * n:].long().split(per_image))
+                (up[5 * n:6 * n] > 0).split(per_image),
+                up[6 * n:].long().split(per_image) if source else [None] * len(per_image))
 
     def _count_pasted(self, slots: np.ndarray) -> None:
         """Add the pasted slots (int64[P], the op table's slot column) to `pasted_counts` by bank and class."""

@@ -35,6 +35,7 @@ from acrst_fast.data.coco import DataError
 from acrst_fast.errors import cli_main
 from acrst_fast.safe_io import atomic_write_text, new_output_file
 
+# what Ultralytics reads as images (wider than data/coco.py's folder scan: the loader decodes TIFF too, check.FORMATS)
 IMAGE_SUFFIXES = (".bmp", ".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp")
 _TOL = 1e-3  # normalised coordinates may overshoot [0, 1] by rounding in exports
 

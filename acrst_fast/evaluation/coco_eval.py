@@ -26,7 +26,6 @@ from acrst_fast.data.loader import Batch
 from acrst_fast.data.transforms import boxes_to_original
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
-BACKENDS = EVAL_BACKENDS
 
 
 def backend_classes(backend: str):
@@ -41,7 +40,7 @@ def backend_classes(backend: str):
         except ImportError:
             raise ImportError("eval.backend 'faster_coco_eval' needs the package: pip install faster-coco-eval") from None
         return FastCOCO, COCOeval_faster
-    raise ValueError(f"eval.backend must be one of {BACKENDS}, got {backend!r}")
+    raise ValueError(f"eval.backend must be one of {EVAL_BACKENDS}, got {backend!r}")
 
 
 @torch.no_grad()
@@ -69,7 +68,8 @@ def coco_metrics(gt: COCO, results: list[dict], categories: Categories) -> dict:
     zero = {k: 0.0 for k in METRIC_NAMES} | {"AP_per_class": {n: 0.0 for n in categories.names}}
     if not results:
         return zero
-    _, cocoeval = backend_classes(getattr(gt, "_acrst_backend", "pycocotools"))
+    backend = "faster_coco_eval" if type(gt).__module__.startswith("faster_coco_eval") else "pycocotools"
+    _, cocoeval = backend_classes(backend)
     with contextlib.redirect_stdout(io.StringIO()):
         dt = gt.loadRes(results)
         ev = cocoeval(gt, dt, iouType="bbox")
@@ -152,7 +152,6 @@ def ground_truth(val_json: str, backend: str = "pycocotools") -> COCO:
     gt.dataset = dict(data, annotations=anns, categories=data.get("categories", []))
     with contextlib.redirect_stdout(io.StringIO()):
         gt.createIndex()
-    gt._acrst_backend = backend
     return gt
 
 

@@ -36,3 +36,23 @@ def named(call: str, where: str, fields: dict, names: tuple[str, ...]):
             return name
     raise ValueError(f"{call}: {where} has no field {' or '.join(repr(n) for n in names)} "
                      f"(it has {sorted(fields)})")
+
+
+def target_of(call: str, where: str, fields: dict, box_key: str, label_key: str) -> tuple[dict, dict[str, type]]:
+    """A structure's per-instance fields as an ACRST target ({"boxes", "labels", other fields}: tensors),
+    and the box type of each field that had one (keyed by the target's names)."""
+    if box_key not in fields or label_key not in fields:
+        raise ValueError(f"{call}: {where} needs {box_key} and {label_key} (it has {sorted(fields)})")
+    tensors, wrappers = unwrap(call, where, fields, len(fields[label_key]))
+    rename = {box_key: "boxes", label_key: "labels"}
+    return ({rename.get(k, k): v for k, v in tensors.items()}, {rename.get(k, k): v for k, v in wrappers.items()})
+
+
+def prediction_of(call: str, where: str, fields: dict, box_names: tuple[str, ...],
+                  label_names: tuple[str, ...]) -> dict:
+    """A teacher output's fields as an ACRST prediction ({"boxes", "labels", "scores"}), each found under
+    the first of its names that is present."""
+    boxes = fields[named(call, where, fields, box_names)]
+    return {"boxes": boxes.tensor if hasattr(boxes, "tensor") else boxes,
+            "labels": fields[named(call, where, fields, label_names)],
+            "scores": fields[named(call, where, fields, ("scores",))]}

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from acrst_fast.augment.adapters._fields import named, rewrap, unwrap
+from acrst_fast.augment.adapters._fields import prediction_of, rewrap, target_of
 from acrst_fast.augment.rebalance import ACRST
 
 BOX_NAMES, CLASS_NAMES = ("gt_boxes", "pred_boxes"), ("gt_classes", "pred_classes")
@@ -90,20 +90,10 @@ class Detectron2ACRST:
         inst = d.get("instances") if isinstance(d, dict) else None
         if inst is None or not hasattr(inst, "get_fields"):
             raise ValueError(f"{call}: {where} is missing or not an Instances")
-        fields = dict(inst.get_fields())
-        if "gt_boxes" not in fields or "gt_classes" not in fields:
-            raise ValueError(f"{call}: {where} needs gt_boxes and gt_classes (it has {sorted(fields)})")
-        tensors, wrappers = unwrap(call, where, fields, len(fields["gt_classes"]))
-        wrappers = {("boxes" if k == "gt_boxes" else k): v for k, v in wrappers.items()}
-        tensors["boxes"], tensors["labels"] = tensors.pop("gt_boxes"), tensors.pop("gt_classes")
-        return tensors, wrappers
+        return target_of(call, where, dict(inst.get_fields()), "gt_boxes", "gt_classes")
 
     @staticmethod
     def _prediction(call: str, where: str, inst) -> dict:
         if not hasattr(inst, "get_fields"):
             raise ValueError(f"{call}: {where} must be an Instances, got {type(inst).__name__}")
-        fields = inst.get_fields()
-        boxes, labels = named(call, where, fields, BOX_NAMES), named(call, where, fields, CLASS_NAMES)
-        named(call, where, fields, ("scores",))
-        b = fields[boxes]
-        return {"boxes": b.tensor if hasattr(b, "tensor") else b, "labels": fields[labels], "scores": fields["scores"]}
+        return prediction_of(call, where, inst.get_fields(), BOX_NAMES, CLASS_NAMES)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from acrst_fast.augment.adapters._fields import rewrap, unwrap
+from acrst_fast.augment.adapters._fields import prediction_of, rewrap, target_of
 from acrst_fast.augment.rebalance import ACRST
 
 IMAGENET_MEAN, IMAGENET_STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)  # mmdet's configs
@@ -118,21 +118,10 @@ class MMDetACRST:
         inst = getattr(sample, "gt_instances", None)
         if inst is None or not hasattr(inst, "keys"):
             raise ValueError(f"{call}: {where} is missing or not an InstanceData")
-        fields = {k: inst.get(k) for k in inst.keys()}
-        if "bboxes" not in fields or "labels" not in fields:
-            raise ValueError(f"{call}: {where} needs bboxes and labels (it has {sorted(fields)})")
-        tensors, wrappers = unwrap(call, where, fields, len(fields["labels"]))
-        wrappers = {("boxes" if k == "bboxes" else k): v for k, v in wrappers.items()}
-        tensors["boxes"] = tensors.pop("bboxes")
-        return tensors, wrappers
+        return target_of(call, where, {k: inst.get(k) for k in inst.keys()}, "bboxes", "labels")
 
     @staticmethod
     def _prediction(call: str, where: str, inst) -> dict:
         if not hasattr(inst, "keys"):
             raise ValueError(f"{call}: {where} must be an InstanceData, got {type(inst).__name__}")
-        fields = {k: inst.get(k) for k in inst.keys()}
-        for key in ("bboxes", "labels", "scores"):
-            if key not in fields:
-                raise ValueError(f"{call}: {where} has no field {key!r} (it has {sorted(fields)})")
-        b = fields["bboxes"]
-        return {"boxes": b.tensor if hasattr(b, "tensor") else b, "labels": fields["labels"], "scores": fields["scores"]}
+        return prediction_of(call, where, {k: inst.get(k) for k in inst.keys()}, ("bboxes",), ("labels",))
