@@ -26,6 +26,8 @@ from typing import Any
 import torch
 import torch.distributed as td
 
+from acrst_fast import peer_watch
+
 _CPU_GROUP: Any = None  # the gloo group for CPU tensors (None when not distributed)
 _CPU_GROUP_OF: Any = None  # the default group it was made beside
 TIMEOUT = datetime.timedelta(minutes=int(os.environ.get("ACRST_DIST_TIMEOUT_MIN", "30")))
@@ -58,10 +60,44 @@ def init_distributed(device_pref: str = "auto") -> DistInfo:
         device = torch.device("cpu")
     force = os.environ.get("ACRST_DIST_FORCE") == "1"  # a group even alone: NCCL code paths on one GPU
     if (world > 1 or force) and not td.is_initialized():
+        gloo_interface()
         backend = os.environ.get("ACRST_DIST_BACKEND") or ("nccl" if use_cuda else "gloo")
-        td.init_process_group(backend=backend, timeout=TIMEOUT, device_id=device if use_cuda else None)
+        td.init_process_group(backend=backend, timeout=TIMEOUT, device_id=device if use_cuda else None,
+                              **_attempt_store(rank, world))
     cpu_group()
+    if world > 1:
+        peer_watch.start(td.distributed_c10d._get_default_store(), rank, world)
     return DistInfo(rank, world, local_rank, device)
+
+
+def _attempt_store(rank: int, world: int) -> dict:
+    """Under torchrun, the store of this attempt of the worker group: torchrun's store under a prefix naming
+    the restart (`TORCHELASTIC_RESTART_COUNT`). Workers restarted by `--max-restarts` meet again in the store
+    of the attempt before, whose keys are still there: without the prefix gloo reads the dead workers'
+    addresses and the new group never connects. Outside torchrun: {} (env:// as usual)."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None or "MASTER_ADDR" not in os.environ:
+        return {}
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # torchrun's agent serves the store
+    store = td.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                        is_master=not agent and rank == 0, timeout=TIMEOUT)
+    return {"store": td.PrefixStore(f"acrst_attempt_{attempt}", store), "rank": rank, "world_size": world}
+
+
+def gloo_interface() -> str | None:
+    """The network interface gloo binds (the side group of CPU collectives, and a CPU run's default group):
+    GLOO_SOCKET_IFNAME, else the first interface NCCL_SOCKET_IFNAME names (not its `^` exclusions), which is
+    then set as GLOO_SOCKET_IFNAME, so one setting serves both across nodes. None: gloo's own choice (the
+    interface the hostname resolves to)."""
+    if os.environ.get("GLOO_SOCKET_IFNAME"):
+        return os.environ["GLOO_SOCKET_IFNAME"]
+    nccl = os.environ.get("NCCL_SOCKET_IFNAME", "").strip()
+    if not nccl or nccl.startswith("^"):
+        return None
+    first = nccl.lstrip("=").split(",")[0].strip()
+    if first:
+        os.environ["GLOO_SOCKET_IFNAME"] = first
+    return first or None
 
 
 def cpu_group() -> Any:
@@ -156,6 +192,7 @@ def all_gather_object(obj: Any) -> list[Any]:
 
 def shutdown() -> None:
     global _CPU_GROUP, _CPU_GROUP_OF
+    peer_watch.stop()
     if td.is_initialized():
         td.destroy_process_group()
     _CPU_GROUP = _CPU_GROUP_OF = None

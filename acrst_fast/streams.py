@@ -33,6 +33,8 @@ class Stream(IntEnum):
     # a branch (`run.branch_from`): the global RNGs (the RPN/RoI samplers' draws) after the branch
     # point, per (branch step, rank), from the branch's own seed
     BRANCH_GLOBAL = 200
+    # a resume at another world size than the checkpoint's: the global RNGs, per (step, new rank)
+    RESUME_GLOBAL = 201
 
 
 def sample_seed(seed: int, stream: int, position: int) -> int:

@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -31,10 +32,10 @@ from acrst_fast.engine import checkpoint as ckpt
 from acrst_fast.engine.build import build_runner, class_counts, fetch_pretrained
 from acrst_fast.engine.divergence import DivergenceGuard
 from acrst_fast.engine.hooks import (
-    CheckpointHook, DiagnosticsHook, EMAHook, EvalHook, LoggingHook, LRScheduleHook, MetricsWriter, branch, lr_at,
-    restore,
+    CheckpointHook, DiagnosticsHook, EMAHook, EvalHook, LoggingHook, LRScheduleHook, MetricsWriter, lr_at,
 )
 from acrst_fast.engine.launch import exit_code, on_main, train_together
+from acrst_fast.engine.resume import branch, restore, saved_world
 from acrst_fast.engine.ssmll_stage import with_classifier
 from acrst_fast.engine.trainer import Trainer
 from acrst_fast.evaluation.coco_eval import Evaluator
@@ -75,7 +76,7 @@ def _prepare_run_dir(cfg: Config, source: str, resume: bool, resume_from: str | 
             aside = run_dir / "diverged"
             aside.mkdir(exist_ok=True)
             for s, p in later:
-                for f in [p, *run_dir.glob(f"ckpt_{s:08d}.rank*.pt")]:
+                for f in [p, *run_dir.glob(f"ckpt_{s:08d}.*.pt")]:  # its CropBank parts too
                     f.replace(aside / f.name)
     dump_config(cfg, run_dir / "config.yaml")
     prepare_data(cfg)
@@ -86,11 +87,20 @@ def _checkpoint_to_resume(cfg: Config, resume: bool, resume_from: str | None,
     """(path, state, is_branch): the checkpoint this run continues (--resume-from; --resume: the run
     folder's newest), else the one it branches from (run.branch_from), else none."""
     if resume_from:
-        return Path(resume_from), ckpt.load(resume_from), False
-    if resume:
-        found = ckpt.load_newest_readable(cfg.run.output_dir, warn=echo)
-        if found is not None:
-            return *found, False
+        return Path(resume_from), ckpt.read_everywhere(resume_from), False
+    if resume:  # rank 0's run folder decides which checkpoint (other nodes may have folders of their own)
+        newest: dict = {}
+
+        def pick() -> str | None:
+            found = ckpt.load_newest_readable(cfg.run.output_dir, warn=echo)
+            if found is None:
+                return None
+            newest["state"] = found[1]
+            return str(found[0])
+
+        path = on_main(pick)
+        if path is not None:
+            return Path(path), ckpt.read_everywhere(path, newest.get("state")), False
     if cfg.run.branch_from:
         return Path(cfg.run.branch_from), ckpt.load(cfg.run.branch_from), True
     return None, None, False
@@ -175,7 +185,10 @@ def run(cfg: Config, source: str, resume: bool, info: dist.DistInfo, resume_from
     cfg = with_classifier(cfg, source, resume or bool(resume_from), info)  # the SSMLL stage, when it is needed
     data_cfg, datasets = _load_data(cfg, source)
     echo(f"[data] {len(datasets.labeled)} labeled, {len(datasets.unlabeled)} unlabeled, {len(datasets.val)} val "
-         f"images; {datasets.categories.num_classes} classes; world size {info.world}, device {info.device}")
+         f"images; {datasets.categories.num_classes} classes; world size {info.world}, device {info.device}; "
+         f"batch per rank {cfg.solver.batch_labeled // info.world} labeled + "
+         f"{cfg.solver.batch_unlabeled // info.world} unlabeled (global {cfg.solver.batch_labeled} + "
+         f"{cfg.solver.batch_unlabeled})")
     labeled_counts = class_counts(datasets.labeled, datasets.categories.num_classes)
     if info.is_main:
         _write_dataset_stats(run_dir, datasets, labeled_counts)
@@ -199,6 +212,9 @@ def run(cfg: Config, source: str, resume: bool, info: dist.DistInfo, resume_from
              f"{'; ' + taken if taken else ''}; randomness from run.seed {cfg.run.seed}")
     elif state is not None:
         echo(f"[resume] {path} (step {restore(trainer, path, state, info.rank, config_to_dict(cfg))})")
+        if saved_world(state) != info.world:
+            echo(f"[resume] the checkpoint was written by {saved_world(state)} processes, this run has {info.world}: "
+                 "the Pseudo banks are re-split, each rank's draws derived from run.seed (README: Multi-node)")
     train_together(trainer, writer.close, lambda: guard.advice(cfg.solver.lr))
     summary = summarize(trainer.storage["eval_history"], datasets.categories.names)
     if cfg.eval.supervised_branch and 0 < cfg.solver.pretrain_steps < cfg.solver.total_steps:
@@ -293,7 +309,12 @@ def main(argv: list[str] | None = None) -> int:
         info = dist.init_distributed(cfg.run.device)
         if info.device.type == "cpu" and info.world > 1:
             torch.set_num_threads(max(1, torch.get_num_threads() // info.world))
-        run(cfg, args.config, args.resume, info, args.resume_from)
+        restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+        if restarts and not args.resume and info.is_main:
+            print(f"[restart] torchrun restarted the workers ({restarts}): resuming from the newest checkpoint",
+                  flush=True)
+        # a worker group torchrun restarted (--max-restarts) continues on its own, as with --resume
+        run(cfg, args.config, args.resume or restarts > 0, info, None if restarts else args.resume_from)
 
     return exit_code(body)
 

@@ -116,3 +116,20 @@ def finish_group(proc: subprocess.Popen, timeout: float) -> subprocess.Completed
 def run_group(cmd: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
     """subprocess.run, but a timeout kills the whole process group (torchrun's workers too), not only `cmd`."""
     return finish_group(start_group(cmd, **kwargs), timeout)
+
+
+def rank_pid(rank: int, marker: str) -> int:
+    """The pid of the training process of global rank `rank` under torchrun whose command line holds `marker`
+    (read from /proc)."""
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if "acrst_fast.train" in cmd and marker in cmd and f"RANK={rank}".encode() in env \
+                and "torch.distributed.run" not in cmd:
+            return int(pid)
+    raise AssertionError(f"no process of rank {rank}")

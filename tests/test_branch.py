@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from acrst_fast.engine import checkpoint as ckpt
+from acrst_fast.engine.resume import rank_state_of
 from acrst_fast.models.detector import WeightsError, load_state_dict_file
 from conftest import REPO, tiny_config_dict, write_config
 from test_train import ACRST_ON, KILL_SHIM, _assert_same_state, _final_state, _train_cmd
@@ -67,8 +68,8 @@ def test_branch_same_seed_is_bit_identical_other_seed_differs(tmp_path, tiny_dem
     assert [(r["step"], r["from"], r["seed"]) for r in records if r["kind"] == "branch"] == [(3, str(source), 5)]
     # the source's Labeled bank came along, and its first pass (4 steps of 2 of the 8 images; 3 done at the
     # branch point) ends as it would have in the source: one more batch offered, not a new pass
-    src_bank = ckpt.load(ckpt.rank_state_path(source.parent, 3, 0))["acrst"]["bank"]
-    part = ckpt.load(ckpt.rank_state_path(tmp_path / "a", 6, 0))
+    src_bank = rank_state_of(source.parent, 3, 0)["acrst"]["bank"]
+    part = rank_state_of(tmp_path / "a", 6, 0)
     bank = part["acrst"]["bank"]
     assert part["bank_fill_start"] == 0 and src_bank["seen"][0].sum() > 0
     assert 0 < (bank["seen"][0] - src_bank["seen"][0]).sum() < src_bank["seen"][0].sum()
@@ -82,7 +83,7 @@ def test_branch_without_bank_fills_labeled_bank(tmp_path, tiny_demo, burn_in, cp
     proc = _run(_train_cmd(_branch_config(tmp_path, tiny_demo, "fill", 0), "--branch-from", str(burn_in["plain"])),
                 cpu_env)
     assert "the Labeled bank fills during steps 4-" in proc.stdout
-    part = ckpt.load(ckpt.rank_state_path(tmp_path / "fill", 6, 0))
+    part = rank_state_of(tmp_path / "fill", 6, 0)
     assert part["bank_fill_start"] == 3 and part["acrst"]["bank"]["seen"][0].sum() > 0
 
 

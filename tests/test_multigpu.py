@@ -16,9 +16,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from acrst_fast.augment.cropbank import LABELED, PSEUDO, CropBank
 from acrst_fast.config import ModelConfig
 from acrst_fast.engine import checkpoint as ckpt
+from acrst_fast.engine.resume import rank_state_of
 from acrst_fast.engine.amp import float_outputs
 from acrst_fast.models.detector import build_detector
-from conftest import REPO, finish_group, start_group, tiny_config_dict, write_config
+from conftest import REPO, finish_group, rank_pid, start_group, tiny_config_dict, write_config
 
 ACRST_ON = {"fbr": True, "selective_supervision": True, "n_range": [1, 4], "capacity_per_class": 8,
             "crop_size": 16, "pr_window": 5}
@@ -61,7 +62,7 @@ def test_cuda_only_default_group_two_processes(tmp_path, tiny_demo, cpu_env):
     assert [r["step"] for r in train] == list(range(1, 7)) and "pseudo/tp" in train[-1]
     assert {(r["step"], r["model"]) for r in records if r["kind"] == "eval"} >= {(3, "student"), (6, "teacher")}
     # item 4: after the first pass over the labeled set, both ranks hold the same Labeled bank
-    parts = [ckpt.load(ckpt.rank_state_path(run, 6, r)) for r in (0, 1)]
+    parts = [rank_state_of(run, 6, r) for r in (0, 1)]
     a, b = (_labeled_part(p, 4) for p in parts)
     assert all(torch.equal(a[k], b[k]) for k in a)
     per_class = torch.bincount(torch.tensor([x["category_id"] for x in json.loads(
@@ -69,22 +70,6 @@ def test_cuda_only_default_group_two_processes(tmp_path, tiny_demo, cpu_env):
     assert torch.equal(a["seen"], per_class)  # every rank's shard was offered, none twice
     assert int(a["valid"].sum()) == int(per_class.clamp(max=ACRST_ON["capacity_per_class"]).sum())
     assert torch.equal(parts[0]["acrst"]["recall"]["history"], parts[1]["acrst"]["recall"]["history"])
-
-
-def _rank_pid(launcher_pid: int, rank: int, marker: str) -> int:
-    """The pid of the training process of `rank` under torchrun (read from /proc)."""
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if "acrst_fast.train" in cmd and marker in cmd and f"RANK={rank}".encode() in env \
-                and "torch.distributed.run" not in cmd:
-            return int(pid)
-    raise AssertionError(f"no process of rank {rank}")
 
 
 @pytest.mark.slow
@@ -98,7 +83,7 @@ def test_sigterm_to_one_rank_stops_every_rank(tmp_path, tiny_demo, cpu_env):
     while not (metrics.is_file() and metrics.read_text().count('"kind": "train"') >= 3):
         assert proc.poll() is None and time.time() < deadline, _finish(proc)
         time.sleep(0.05)
-    os.kill(_rank_pid(proc.pid, 1, str(cfg)), signal.SIGTERM)  # rank 1 only
+    os.kill(rank_pid(1, str(cfg)), signal.SIGTERM)  # rank 1 only
     out, err = _finish(proc)
     assert err.count("interrupted: stopped at step") == 2, err[-3000:]  # both ranks, the same step
     steps = {int(x) for x in __import__("re").findall(r"interrupted: stopped at step (\d+)", err)}

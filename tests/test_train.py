@@ -14,6 +14,7 @@ from acrst_fast.config import load_config
 from acrst_fast.data.build import load_datasets
 from acrst_fast.data.loader import TorchDataStage
 from acrst_fast.engine import checkpoint as ckpt
+from acrst_fast.engine.resume import rank_state_of
 from acrst_fast.engine.mean_teacher import MeanTeacher, StudentLosses
 from acrst_fast.models.detector import build_detector
 from conftest import REPO, run_group, tiny_config_dict, write_config
@@ -197,7 +198,7 @@ def test_torchrun_two_processes(tmp_path, tiny_demo, cpu_env):
     state = _final_state(run)
     assert len(state["rng"]) == 2  # both ranks' RNG states saved
     assert not any(k.startswith("module.") for k in state["runner"]["student"])  # saved unwrapped
-    parts = [ckpt.load(ckpt.rank_state_path(run, 4, r))["acrst"] for r in (0, 1)]
+    parts = [rank_state_of(run, 4, r)["acrst"] for r in (0, 1)]
     assert torch.equal(parts[0]["recall"]["history"], parts[1]["recall"]["history"])  # same mu on every rank
     assert parts[0]["recall"]["history"].sum() > 0
     assert not torch.equal(parts[0]["bank"]["pixels"], parts[1]["bank"]["pixels"])  # banks of different shards
@@ -221,8 +222,8 @@ def test_acrst_run_resumes_to_identical_weights_and_bank(tmp_path, tiny_demo, cp
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     _assert_same_state(_final_state(tmp_path / "split"), _final_state(tmp_path / "full"))
-    a = ckpt.load(ckpt.rank_state_path(tmp_path / "full", 8, 0))["acrst"]
-    b = ckpt.load(ckpt.rank_state_path(tmp_path / "split", 8, 0))["acrst"]
+    a = rank_state_of(tmp_path / "full", 8, 0)["acrst"]
+    b = rank_state_of(tmp_path / "split", 8, 0)["acrst"]
     assert torch.equal(a["bank"]["pixels"], b["bank"]["pixels"]) and torch.equal(a["bank"]["seen"], b["bank"]["seen"])
     assert torch.equal(a["recall"]["history"], b["recall"]["history"])
     assert a["bank"]["seen"][1].sum() > 0  # pseudo-labels reached the Pseudo bank

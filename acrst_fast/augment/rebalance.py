@@ -22,6 +22,7 @@ import torch
 from acrst_fast import dist
 from acrst_fast.timing import clock
 from acrst_fast.augment.affr import PseudoRecall, class_histogram, sampling_probs
+from acrst_fast.augment.bank_merge import merge_labeled
 from acrst_fast.augment.contract import Contract
 from acrst_fast.augment.cropbank import LABELED, PSEUDO, SOURCES, CropBank
 from acrst_fast.augment.targets import per_box_keys, realign, survivor_index, warn_if_reg_weight_ignored
@@ -99,11 +100,12 @@ class ACRST:
                              check_labels=self._label_check(call, "labels"))
 
     def share_labeled_bank(self, generator: torch.Generator) -> None:
-        """Collective, once, after every rank has offered its shard of the labeled set: every rank's
-        Labeled crops are gathered (over the gloo group) and merged the same way on every rank, so
-        each rank samples from the whole labeled set (`CropBank.set_labeled`). A no-op alone."""
+        """Collective, once, after every rank has offered its shard of the labeled set: the ranks' Labeled
+        banks are merged the same way on every rank (`bank_merge.merge_labeled`: metadata gathered, the
+        chosen crops broadcast class by class), so each rank samples from the whole labeled set. A no-op
+        alone."""
         if dist.world_size() > 1:
-            self.bank.set_labeled(dist.all_gather_object(self.bank.labeled_part()), generator)
+            merge_labeled(self.bank, generator)
 
     def observe_teacher(self, weak_images: list[torch.Tensor], predictions: list[dict], pseudo_labels: list[dict],
                         generator: torch.Generator | None = None) -> None:

@@ -33,9 +33,20 @@ def fetch_pretrained(cfg: Config, ssmll: bool = False) -> None:
         backbone_file(cfg.model.backbone_weights, cfg.model.backbone, "model.backbone_weights")
 
 
-def _per_rank(total: int, world: int, key: str, source: str) -> int:
+def world_sizes(*batches: int) -> list[int]:
+    """The numbers of processes that divide every global batch in `batches` (each rank takes an equal share)."""
+    g = math.gcd(*batches)
+    return [w for w in range(1, g + 1) if g % w == 0]
+
+
+def _per_rank(total: int, world: int, key: str, source: str, *others: int) -> int:
+    """A rank's share of the global batch `total` (config key `key`); `others`: the batches that share the
+    world size (the labeled and unlabeled batch), for the list of world sizes that work."""
     if total % world:
-        raise ConfigError(f"{source}: key '{key}' ({total}) must be divisible by the number of processes ({world})")
+        fits = world_sizes(total, *others)
+        raise ConfigError(f"{source}: key '{key}' ({total}) must be divisible by the number of processes ({world}); "
+                          f"this config runs on {', '.join(map(str, fits))} processes, or change the batch (batches are "
+                          "global: each rank takes 1/world of each)")
     return total // world
 
 
@@ -73,10 +84,11 @@ def build_runner(cfg: Config, datasets, info, source: str,
     if info.world > 1:  # frozen-BN buffers never change: no per-forward buffer broadcast
         losses = DistributedDataParallel(losses, device_ids=[info.local_rank] if info.device.type == "cuda" else None,
                                          process_group=dist.device_group(info.device), broadcast_buffers=False)
-    batch_labeled = _per_rank(cfg.solver.batch_labeled, info.world, "solver.batch_labeled", source)
+    both = (cfg.solver.batch_labeled, cfg.solver.batch_unlabeled)
+    batch_labeled = _per_rank(both[0], info.world, "solver.batch_labeled", source, both[1])
     stage_args = dict(
         batch_labeled=batch_labeled,
-        batch_unlabeled=_per_rank(cfg.solver.batch_unlabeled, info.world, "solver.batch_unlabeled", source),
+        batch_unlabeled=_per_rank(both[1], info.world, "solver.batch_unlabeled", source, both[0]),
         seed=cfg.run.seed, rank=info.rank, world=info.world, bad_images=cfg.data.bad_images,
         labeled_views=("weak", "strong") if cfg.acrst.fbr else ("strong",))
     if cfg.data.pipeline == "dali":
@@ -110,8 +122,8 @@ def build_ssmll_runner(cfg: Config, datasets, info, source: str) -> tuple[SSMLLR
     `ssmll.data.SquareViews`, made by DALI with `data.pipeline=dali`) and its evaluation loaders
     ({"val": ..., "unlabeled": ... when the unlabeled split has hidden ground truth}, this rank's shard)."""
     m, k = cfg.ssmll, datasets.categories.num_classes
-    for key in ("batch_labeled", "batch_unlabeled"):
-        _per_rank(getattr(m, key), info.world, f"ssmll.{key}", source)
+    for key, other in (("batch_labeled", m.batch_unlabeled), ("batch_unlabeled", m.batch_labeled)):
+        _per_rank(getattr(m, key), info.world, f"ssmll.{key}", source, other)
     views = {"labeled": SquareViews(datasets.labeled, k, m.input_size, cfg.augment, cfg.run.seed, Stream.SSMLL_LABELED),
              "unlabeled": SquareViews(datasets.unlabeled, k, m.input_size, cfg.augment, cfg.run.seed,
                                       Stream.SSMLL_UNLABELED)}

@@ -1,8 +1,9 @@
 """Checkpoints: written atomically, found again on resume.
 
-A checkpoint is one file `ckpt_{step:08d}.pt` (student, teacher, optimizer, step, RNG states,
-and whatever else the caller puts in), plus one `ckpt_{step:08d}.rank{r}.pt` per rank for state
-each rank owns (its CropBank), written before the main file. It is written to a temporary file in the same folder,
+A checkpoint is one file `ckpt_{step:08d}.pt` (student, teacher, optimizer, step, RNG states, the
+world size, and whatever else the caller puts in), plus, with a CropBank, `ckpt_{step:08d}.bank.pt`
+(what every rank shares, written once) and one `ckpt_{step:08d}.rank{r}.pt` per rank for what each
+rank owns (`rank_state.py`), all written before the main file. It is written to a temporary file in the same folder,
 flushed to disk, then renamed over its final name, so a run killed mid-write leaves either the
 old set of checkpoints or the new one, never a partial file under a checkpoint's name. The
 newest complete checkpoint is the one with the highest step.
@@ -18,13 +19,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from acrst_fast import dist
 from acrst_fast.errors import UserError, one_line
 from acrst_fast.safe_io import atomic_write, claim_dir
 
 _NAME = re.compile(r"^ckpt_(\d{8})\.pt$")
 # everything the trainer and train_ssmll write into a run folder (and their temporary files)
 _RUN_FILES = (r"config\.yaml|metrics\.jsonl|dataset_stats\.json|final_metrics\.json|last_good\.json|"
-              r"ssmll_teacher\.pt|ssmll_metrics\.json|ckpt_\d{8}(\.rank\d+)?\.pt")
+              r"ssmll_teacher\.pt|ssmll_metrics\.json|ckpt_\d{8}(\.rank\d+|\.bank)?\.pt")
 _RUN_ENTRY = re.compile(rf"^({_RUN_FILES}|tensorboard|report|ssmll|supervised|diverged|\.({_RUN_FILES})\.tmp\d+)$")
 
 
@@ -70,15 +72,32 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def prune(run_dir: str | Path, keep: int, protect: tuple[int, ...] = ()) -> None:
-    """Delete all but the newest `keep` checkpoints and those of the steps in `protect` (the last
-    good one), with their per-rank parts."""
+def _parts(run_dir: Path, pattern: str) -> list[tuple[int, Path]]:
+    found = [(int(p.name[5:13]), p) for p in run_dir.glob(pattern) if p.name[5:13].isdigit()]
+    return sorted(found)
+
+
+def prune(run_dir: str | Path, keep: int, protect: tuple[int, ...] = (), world: int = 1) -> None:
+    """Rank 0: delete all but the newest `keep` checkpoints and those of the steps in `protect` (the last
+    good one), with their shared CropBank part and the parts of ranks a larger world left (each rank
+    below `world` prunes its own: `prune_rank_parts`)."""
+    run_dir = Path(run_dir)
     for step, p in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         if step in protect:
             continue
         p.unlink(missing_ok=True)
-        for part in Path(run_dir).glob(f"ckpt_{step:08d}.rank*.pt"):
-            part.unlink(missing_ok=True)
+        Path(run_dir / f"ckpt_{step:08d}.bank.pt").unlink(missing_ok=True)
+        for r, part in ((int(q.name.split(".rank")[1][:-3]), q) for q in run_dir.glob(f"ckpt_{step:08d}.rank*.pt")):
+            if r >= world:
+                part.unlink(missing_ok=True)
+
+
+def prune_rank_parts(run_dir: str | Path, rank: int, keep: int, protect: tuple[int, ...] = ()) -> None:
+    """Every rank: delete its own parts (`ckpt_*.rank{rank}.pt`) but the newest `keep` and those of the
+    steps in `protect`: the rule `prune` applies to the main files, on this rank's own disk."""
+    for step, p in _parts(Path(run_dir), f"ckpt_*.rank{rank}.pt")[:-keep] if keep > 0 else []:
+        if step not in protect:
+            p.unlink(missing_ok=True)
 
 
 def rng_state() -> dict:
@@ -122,6 +141,21 @@ def load(path: str | Path) -> dict:
     if not isinstance(state, dict) or "step" not in state:
         raise CheckpointError(f"{path}: not an acrst_fast checkpoint (no 'step')")
     return state
+
+
+def read_everywhere(path: str | Path, have: dict | None = None) -> dict:
+    """`load(path)` on every rank (collective). Ranks that do not see the file (a run folder on node-local
+    disks) receive rank 0's copy; `have`: rank 0's copy already read."""
+    path = Path(path)
+    if dist.world_size() == 1:
+        return have if have is not None else load(path)
+    seen = dist.all_gather_object(path.is_file())
+    if not seen[0]:
+        raise CheckpointError(f"{path}: not found on rank 0")
+    if all(seen):
+        return have if have is not None and dist.rank() == 0 else load(path)
+    mine = (have if have is not None else load(path)) if dist.rank() == 0 else None
+    return dist.broadcast_from_main(mine)
 
 
 def load_newest_readable(run_dir: str | Path, warn=print) -> tuple[Path, dict] | None:

@@ -22,11 +22,10 @@ from acrst_fast import metric_names as M
 from acrst_fast.config import SolverConfig
 from acrst_fast.host import to_host
 from acrst_fast.engine import checkpoint as ckpt
+from acrst_fast.engine import rank_state
 from acrst_fast.engine.outputs import PHASE_MUTUAL, Deferred, StepOutput, resolve_deferred
 from acrst_fast.engine.trainer import HookBase, Trainer
-from acrst_fast.models.detector import in_burn_in
 from acrst_fast.safe_io import atomic_write_text
-from acrst_fast.streams import Stream, sample_seed
 
 
 def lr_at(step: int, s: SolverConfig) -> float:
@@ -295,21 +294,29 @@ class CheckpointHook(HookBase):
         self.run_dir, self.period, self.keep, self.total = run_dir, period, keep, total
         self.rank, self.is_main, self.config = rank, rank == 0, config
         self.burn_in = burn_in if burn_in is not None and 0 < burn_in < total else None
+        self._saved_step: int | None = None
 
     def save(self, trainer: Trainer) -> None:
-        """Each rank writes its own state first; rank 0 writes the main file last, so a main file on
-        disk means every rank's part of that checkpoint is complete."""
-        step = trainer.step
+        """Each rank writes its own part first (rank 0 also the part every rank shares: `rank_state.split`);
+        rank 0 writes the main file last, so a main file on disk means every part of that checkpoint is
+        complete. Then each rank prunes its own files, so node-local run folders are pruned too."""
+        step, world = trainer.step, dist.world_size()
+        self._saved_step = step
         if trainer.runner.has_rank_state:
-            ckpt.atomic_save({"step": step, **trainer.rank_state_dict()},
-                             ckpt.rank_state_path(self.run_dir, step, self.rank))
+            self.run_dir.mkdir(parents=True, exist_ok=True)  # a node-local run folder other than rank 0's
+            shared, own = rank_state.split(trainer.rank_state_dict(), step, self.rank, world)
+            ckpt.atomic_save(own, ckpt.rank_state_path(self.run_dir, step, self.rank))
+            if self.is_main:
+                ckpt.atomic_save(shared, rank_state.shared_path(self.run_dir, step))
         rngs = dist.gather_to_main(ckpt.rng_state())  # also a barrier: every rank's part is on disk
         state = trainer.state_dict()  # every rank: hooks see the checkpoint (the guard tests it)
+        keep = tuple(trainer.storage.get("protected_steps", ())) + ((self.burn_in,) if self.burn_in else ())
+        ckpt.prune_rank_parts(self.run_dir, self.rank, self.keep, keep)
         if not self.is_main:
             return
-        ckpt.atomic_save(state | {"rng": rngs, "config": self.config}, ckpt.checkpoint_path(self.run_dir, step))
-        keep = tuple(trainer.storage.get("protected_steps", ())) + ((self.burn_in,) if self.burn_in else ())
-        ckpt.prune(self.run_dir, self.keep, keep)
+        ckpt.atomic_save(state | {"rng": rngs, "config": self.config, "world": world},
+                         ckpt.checkpoint_path(self.run_dir, step))
+        ckpt.prune(self.run_dir, self.keep, keep, world)
 
     def due(self, step: int) -> bool:
         return step in (self.total, self.burn_in) or (self.period > 0 and step % self.period == 0)
@@ -322,80 +329,9 @@ class CheckpointHook(HookBase):
             self.save(trainer)
 
     def on_interrupt(self, trainer: Trainer) -> None:
-        if ckpt.checkpoint_path(self.run_dir, trainer.step).is_file():
+        # decided by what this hook did, the same on every rank: the main file is rank 0's and may not be
+        # on disk yet (or on this node) when another rank asks, and a second save there would be a
+        # collective the others never join
+        if self._saved_step == trainer.step:
             return
         self.save(trainer)
-
-
-def restore(trainer: Trainer, path: Path, state: dict, rank: int, config: dict) -> int:
-    """Load checkpoint `state` (read from `path`) into the trainer (and this rank's own part, beside
-    it); returns its step.
-
-    A checkpoint of another model (a changed model setting or class list) is a CheckpointError
-    naming the config keys that differ, in one line."""
-    if "runner" not in state:
-        raise ckpt.CheckpointError(f"{path}: a checkpoint of an older acrst_fast (no 'runner' state); start a new "
-                                   "run.output_dir")
-    try:
-        trainer.load_state_dict(state)
-    except RuntimeError as exc:
-        raise ckpt.CheckpointError(f"{path}: {_model_mismatch(state.get('config', {}), config, exc)}") from None
-    rngs = state["rng"]
-    ckpt.set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
-    if trainer.runner.has_rank_state:
-        part = ckpt.rank_state_path(path.parent, trainer.step, rank)
-        if not part.is_file():
-            raise ckpt.CheckpointError(f"{path}: this rank's state {part.name} is missing (was the run started "
-                                       "without acrst.fbr, or with fewer processes?)")
-        trainer.load_rank_state_dict(ckpt.load(part))
-    return trainer.step
-
-
-def branch(trainer: Trainer, path: Path, state: dict, info, config: dict, seed: int) -> tuple[int, str]:
-    """Start this run from checkpoint `state` of another run (read from `path`): its student, teacher,
-    optimizer, loss scaler, step and evaluation history, and this rank's CropBank when the checkpoint has
-    one that fits (`runner.load_branch_rank_state`: else the banks start empty and the Labeled bank fills
-    from the branch step on). The
-    hooks' states (the source folder's divergence bookkeeping) are not carried. A checkpoint at or before
-    the end of its run's burn-in holds the untrained teacher made at construction: the teacher becomes
-    the student. The global RNGs (the RPN/RoI samplers) are seeded from this run's `seed`, the branch
-    step and the rank; data order, views and ACRST's draws follow `seed` too. Returns the step and what
-    was taken of the rank state."""
-    if "runner" not in state:
-        raise ckpt.CheckpointError(f"{path}: a checkpoint of an older acrst_fast (no 'runner' state); cannot branch")
-    step = int(state["step"])
-    try:
-        trainer.runner.load_state_dict(state["runner"])
-    except RuntimeError as exc:
-        raise ckpt.CheckpointError(f"{path}: {_model_mismatch(state.get('config', {}), config, exc)}") from None
-    trainer.step = step
-    trainer.storage["eval_history"] = [e for e in state.get("storage", {}).get("eval_history", [])
-                                       if e.get("step", 0) <= step]
-    if in_burn_in(state):
-        trainer.runner.ema.reset(trainer.runner.student)
-    ckpt.seed_all(sample_seed(seed, Stream.BRANCH_GLOBAL, step * info.world + info.rank))
-    taken = ""
-    if trainer.runner.has_rank_state:
-        part = ckpt.rank_state_path(path.parent, step, info.rank)
-        taken = trainer.runner.load_branch_rank_state(ckpt.load(part) if part.is_file() else None, step)
-    return step, taken
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
-def _model_mismatch(saved: dict, current: dict, exc: Exception) -> str:
-    """One line: which model settings differ between the checkpoint and this run."""
-    a, b = _flatten(saved), _flatten(current)
-    keys = [k for k in sorted(set(a) | set(b)) if k.startswith("model.") and a.get(k) != b.get(k)]
-    if keys:
-        diffs = ", ".join(f"{k} ({a.get(k)!r} in the checkpoint, {b.get(k)!r} now)" for k in keys[:4])
-        return (f"the checkpoint holds another model: {diffs}{' ...' if len(keys) > 4 else ''}; resume with the "
-                "checkpoint's settings, or start a new run.output_dir")
-    first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)[:200]
-    return (f"the checkpoint's weights do not fit this model although the model settings are equal "
-            f"(was the dataset's class list changed?): {first}")

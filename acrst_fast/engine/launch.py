@@ -1,8 +1,10 @@
 """What both command-line trainers (`train`, `train_ssmll`) share around `Trainer.train()`: work done on
 rank 0 for all, the stop handler, saying a divergence or a stop on every rank, and the exit codes.
 
-Exit codes: 0 done; 2 a user error (one line on stderr); 3 training diverged; 130 stopped by a signal
-(a checkpoint was written: continue with --resume).
+Exit codes: 0 done; 2 a user error (one line on stderr); 3 training diverged; 4 another rank failed (one
+line naming it and its error: `peer_watch`); 130 stopped by a signal (a checkpoint was written: continue
+with --resume). An error on one rank is announced to the others (`peer_watch.announce`), so no rank
+waits for the collective timeout.
 """
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ from typing import Callable
 
 from acrst_fast import dist
 from acrst_fast.engine.trainer import Trainer, TrainingDiverged, TrainingInterrupted
-from acrst_fast.errors import UserError, report_error
+from acrst_fast import peer_watch
+from acrst_fast.errors import UserError, one_line, report_error
 
 EXIT_DIVERGED, EXIT_INTERRUPTED = 3, 130
 
@@ -66,6 +69,9 @@ def train_together(trainer: Trainer, close: Callable[[], None], advice: Callable
     except TrainingInterrupted as exc:
         say_then_leave_together(f"interrupted: {exc}; continue with --resume")
         raise
+    except Exception as exc:  # this rank alone: exit_code announces it with the step it happened in
+        exc.acrst_step = trainer.step + 1
+        raise
     finally:
         close()
 
@@ -75,11 +81,20 @@ def exit_code(fn: Callable[[], object]) -> int:
     try:
         fn()
         return 0
-    except UserError as exc:
-        return report_error(exc)
-    except Diverged:  # its message is printed by every rank
-        return EXIT_DIVERGED
-    except TrainingInterrupted:
-        return EXIT_INTERRUPTED
+    except (Diverged, TrainingInterrupted) as exc:  # collective: every rank says it and leaves together
+        return EXIT_DIVERGED if isinstance(exc, Diverged) else EXIT_INTERRUPTED
+    except BaseException as exc:
+        watch = peer_watch.current()
+        root = watch.first_failure() if watch is not None else None
+        if root is not None and not isinstance(exc, KeyboardInterrupt):  # a consequence of another rank's failure
+            print(f"error: rank {dist.rank()} stopping: {root}", file=sys.stderr, flush=True)
+            return peer_watch.EXIT_PEER_FAILED
+        if watch is not None:
+            where = getattr(exc, "acrst_step", None)
+            watch.announce(f"rank {dist.rank()} failed{f' at step {where}' if where else ''}: "
+                           f"{type(exc).__name__}: {one_line(str(exc))[:300]}")
+        if isinstance(exc, UserError):
+            return report_error(exc)
+        raise
     finally:
         dist.shutdown()

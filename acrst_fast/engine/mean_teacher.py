@@ -175,6 +175,7 @@ class MeanTeacher(StudentTeacherRunner):
         self.optimizer, self.data, self.device = optimizer, data, device
         self.acrst, self.labeled_bank_steps = acrst, labeled_bank_steps
         self.bank_fill_start = 0  # the Labeled bank fills during steps [start, start + labeled_bank_steps)
+        self.labeled_merged = False  # whether that first pass is over and every rank's bank was merged
         self.class_names, self.gt_class_counts = class_names, gt_class_counts
         self.rank, self.world, self.hidden_gt = rank, world, hidden_gt
         self.selective = acrst is not None and cfg.acrst.selective_supervision
@@ -384,6 +385,7 @@ class MeanTeacher(StudentTeacherRunner):
             if step == fill_end - 1:  # the first pass is over on every rank
                 # the same generator on every rank (not per rank), so the merged banks are equal
                 self.acrst.share_labeled_bank(generator(self.cfg.run.seed, Stream.ACRST_SHARE_BANK, 0))
+                self.labeled_merged = True
         if not paste:
             return inputs
         batches = [(inputs.lab_images, host_boxes, host_labels, self._generator(step, Stream.ACRST_PASTE_LABELED))]
@@ -425,16 +427,19 @@ class MeanTeacher(StudentTeacherRunner):
         return self.acrst is not None
 
     def rank_state_dict(self) -> dict:
-        """This rank's own state: its CropBank and Pseudo Recall (empty without ACRST), and the step at which
-        its Labeled bank began to fill."""
+        """This rank's own state: its CropBank and Pseudo Recall (empty without ACRST), the step at which
+        its Labeled bank began to fill and whether the ranks' Labeled banks were merged (`rank_state.split`
+        writes what every rank shares once)."""
         if self.acrst is None:
             return {}
-        return {"acrst": self.acrst.state_dict(), "bank_fill_start": self.bank_fill_start}
+        return {"acrst": self.acrst.state_dict(), "bank_fill_start": self.bank_fill_start,
+                "labeled_merged": self.labeled_merged}
 
     def load_rank_state_dict(self, state: dict) -> None:
         if self.acrst is not None:
             self.acrst.load_state_dict(state["acrst"])
             self.bank_fill_start = int(state.get("bank_fill_start", 0))
+            self.labeled_merged = bool(state.get("labeled_merged", False))
 
     def load_branch_rank_state(self, state: dict | None, step: int) -> str:
         """A branch at `step` from a checkpoint with this rank's part `state` (None: it has none). Its
@@ -452,10 +457,11 @@ class MeanTeacher(StudentTeacherRunner):
             return "CropBank and Pseudo Recall"
         self.acrst.bank.load_state_dict(saved["bank"])
         self.bank_fill_start = int(state.get("bank_fill_start", 0))
+        self.labeled_merged = bool(state.get("labeled_merged", False))
         return "CropBank (Pseudo Recall starts empty: another acrst.pr_window)"
 
     def start_bank_at(self, step: int) -> None:
         """A branch from a checkpoint without a CropBank (or with one of another shape): the banks start
         empty and the Labeled bank fills during the `labeled_bank_steps` steps from `step`, as a new run's
         does from step 0."""
-        self.bank_fill_start = step
+        self.bank_fill_start, self.labeled_merged = step, False

@@ -16,7 +16,8 @@ from acrst_fast.data.coco import DataError
 from acrst_fast.engine import checkpoint as ckpt
 from acrst_fast.engine.build import build_ssmll_runner, fetch_pretrained
 from acrst_fast.engine.divergence import DivergenceGuard
-from acrst_fast.engine.hooks import CheckpointHook, EMAHook, EvalHook, LoggingHook, LRScheduleHook, MetricsWriter, restore
+from acrst_fast.engine.hooks import CheckpointHook, EMAHook, EvalHook, LoggingHook, LRScheduleHook, MetricsWriter
+from acrst_fast.engine.resume import restore
 from acrst_fast.engine.launch import on_main, train_together
 from acrst_fast.engine.ssmll_runner import eval_line, eval_scalars, evaluate, format_table
 from acrst_fast.engine.trainer import Trainer
