@@ -23,13 +23,7 @@ from typing import Any
 
 import yaml
 
-from acrst_fast.augment.cropbank import SOURCES as BANK_SOURCES
-from acrst_fast.engine.amp import AMP_MODES
-from acrst_fast.pseudo_labels import MODES as FILTER_MODES
-
-PHOTOMETRIC_MODES = ("auto", "batch", "per_image")  # augment.batched_photometric
-EVAL_BACKENDS = ("pycocotools", "faster_coco_eval")  # eval.backend (evaluation/coco_eval.py)
-BACKBONES = ("resnet50", "resnet18", "mobilenet_v2")  # model.backbone, ssmll.backbone (models/ build them)
+from acrst_fast.modes import AMP_MODES, BACKBONES, BANK_SOURCES, EVAL_BACKENDS, FILTER_MODES, PHOTOMETRIC_MODES
 
 
 class ConfigError(UserError):

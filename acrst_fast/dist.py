@@ -160,10 +160,6 @@ def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
     return {k: float(v) / n for k, v in zip(keys, t.tolist())}
 
 
-def all_reduce_sum_tensor(t: torch.Tensor) -> torch.Tensor:
-    return all_reduce(t)
-
-
 def gather_to_main(obj: Any) -> list[Any] | None:
     """Every rank's `obj` on rank 0 (a list, rank order); None on other ranks."""
     if not td.is_initialized():

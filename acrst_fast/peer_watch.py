@@ -99,6 +99,7 @@ class PeerWatch:
             except Exception:  # noqa: BLE001 - the store's host (a launcher, rank 0) may be gone
                 if now - store_ok > self.peer_timeout and not self._closed.is_set():
                     self._stop(f"lost the rendezvous store for {now - store_ok:.0f} s")
+                self._closed.wait(4 * self.interval)  # torch prints a warning per failed call: fewer calls
                 continue
             self._beat += 1
             if failed and not failed.startswith(f"rank {self.rank} "):

@@ -19,8 +19,9 @@ from __future__ import annotations
 import torch
 
 from acrst_fast.host import upload
+from acrst_fast.modes import FILTER_MODES
 
-MODES = ("single", "two_stage", "mining")
+MODES = FILTER_MODES
 
 
 def filter_pseudo_labels(predictions: list[dict[str, torch.Tensor]], tau_cls: float,

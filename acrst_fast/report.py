@@ -269,11 +269,12 @@ def fig_paste_grid(run_dir: Path, out: Path, n_images: int = 6) -> tuple[str | N
 
     acrst = build_acrst(cfg, data.categories.num_classes, torch.device("cpu"))
     from acrst_fast.engine.resume import rank_state_of
+    from acrst_fast.streams import report_sample_seed
 
     latest = ckpt.latest_checkpoint(run_dir)
     part = rank_state_of(run_dir, ckpt.list_checkpoints(run_dir)[-1][0], 0) if latest else None
     views = DetectionViews(data.labeled[:n_images], cfg.augment, ("weak",), train=True, with_boxes=True)
-    samples = [views[(i, 1000 + i)] for i in range(len(views))]
+    samples = [views[(i, report_sample_seed(i))] for i in range(len(views))]
     if part is not None:
         acrst.load_state_dict(part["acrst"])
         source = f"CropBank of checkpoint {latest.name}"

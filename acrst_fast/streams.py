@@ -46,3 +46,41 @@ def sample_seed(seed: int, stream: int, position: int) -> int:
 def generator(seed: int, stream: Stream, position: int) -> torch.Generator:
     """A CPU generator seeded for (seed, stream, position)."""
     return torch.Generator().manual_seed(sample_seed(seed, stream, position))
+
+
+# Seeds that are not one draw of a stream at a position. Each is named here, with the value it always had
+# (a changed formula changes every run drawn since), so no module computes a seed by hand.
+
+def epoch_position(epoch: int) -> int:
+    """The position of an epoch's permutation in its stream (the data order): -1 - epoch, apart from the
+    images' positions 0, 1, ..."""
+    return -1 - epoch
+
+
+def loader_position(start_step: int) -> int:
+    """The position of the DataLoader's own base generator for a stream opened at `start_step`: far below
+    the epochs' positions."""
+    return -(10**6) - start_step
+
+
+def rank_global_seed(seed: int, rank: int) -> int:
+    """The global torch RNG of a rank for a run's own draws outside the streams (the RPN/RoI samplers,
+    dropout): seed + 1000 rank."""
+    return seed + 1000 * rank
+
+
+def dali_seed(seed: int, stream: int, rank: int = 0) -> int:
+    """The seed of a DALI pipeline of `stream` on `rank` (its operators' own draws; the views are seeded
+    per sample from `sample_seed`)."""
+    return seed * 1000 + stream * 10 + rank
+
+
+def ssmll_dali_seed(seed: int, stream: int) -> int:
+    """The seed of the SSMLL stage's DALI pipeline of `stream` (the same on every rank: each rank's positions
+    differ, and every view is seeded per sample): seed * 1000 + stream."""
+    return seed * 1000 + stream
+
+
+def report_sample_seed(index: int) -> int:
+    """The view seed of the `index`-th labeled image drawn in the run report's CropBank figure."""
+    return 1000 + index

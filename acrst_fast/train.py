@@ -182,7 +182,10 @@ def run(cfg: Config, source: str, resume: bool, info: dist.DistInfo, resume_from
     cfg = _branch_of_killed_run(cfg, resume)
     _check_branch(cfg, source, resume, resume_from)
     on_main(lambda: (_prepare_run_dir(cfg, source, resume, resume_from), fetch_pretrained(cfg)))
+    classifier = cfg.ssmll.checkpoint
     cfg = with_classifier(cfg, source, resume or bool(resume_from), info)  # the SSMLL stage, when it is needed
+    if cfg.ssmll.checkpoint != classifier:  # config.yaml says what the checkpoints' config says: the classifier too
+        on_main(lambda: dump_config(cfg, run_dir / "config.yaml"))
     data_cfg, datasets = _load_data(cfg, source)
     echo(f"[data] {len(datasets.labeled)} labeled, {len(datasets.unlabeled)} unlabeled, {len(datasets.val)} val "
          f"images; {datasets.categories.num_classes} classes; world size {info.world}, device {info.device}; "

@@ -167,7 +167,7 @@ def probe_triton():
         if cl:
             base = base.contiguous(memory_format=torch.channels_last)
         expect = paste_pixels_ref(base.clone(), ops, bank, hw, bank_hw)
-        got = paste_pixels_triton(base.clone(), hw, ops, bank, bank_hw=bank_hw)
+        got = paste_pixels_triton(base.clone(), ops, bank, hw, bank_hw=bank_hw)
         err = (got.float() - expect.float()).abs()
         pad = torch.ones(B, H, W, dtype=torch.bool, device=DEV)
         for n, (h, w) in enumerate(hw.tolist()):
@@ -180,17 +180,17 @@ def probe_triton():
         if CUDA:
             img = base.clone()
             ops_dev, hw_dev = ops.to(DEV), hw.to(DEV)
-            paste_pixels_triton(img, hw, ops, bank, bank_hw=bank_hw)
-            k = kernel_ms(lambda: paste_pixels_triton(img, hw, ops, bank, bank_hw=bank_hw), "_paste_kernel")
+            paste_pixels_triton(img, ops, bank, hw, bank_hw=bank_hw)
+            k = kernel_ms(lambda: paste_pixels_triton(img, ops, bank, hw, bank_hw=bank_hw), "_paste_kernel")
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             for _ in range(10):
-                paste_pixels_triton(img, hw, ops, bank, check=False, bank_hw=bank_hw)  # as training calls it (host tables)
+                paste_pixels_triton(img, ops, bank, hw, bank_hw=bank_hw, check=False)  # as training calls it (host tables)
             torch.cuda.synchronize()
             e2e = (time.perf_counter() - t0) / 10 * 1e3
             t0 = time.perf_counter()
             for _ in range(10):
-                paste_pixels_triton(img, hw_dev, ops_dev, bank, bank_hw=bank_hw)  # device ops: read back to plan
+                paste_pixels_triton(img, ops_dev, bank, hw_dev, bank_hw=bank_hw)  # device ops: read back to plan
             torch.cuda.synchronize()
             e2e_dev = (time.perf_counter() - t0) / 10 * 1e3
             moved = visible * 3 * base.element_size() + int(bank_hw[ops[:, 1]].prod(1).sum()) * 3

@@ -2,7 +2,7 @@
 file (the layout of the Triton tutorials' fused attention).
 
     paste_pixels_ref(images, ops, bank_pixels, image_hw) -> images   (any device; the definition)
-    paste_pixels_triton(images, image_hw, ops, bank_pixels) -> images (modified in place, one launch)
+    paste_pixels_triton(images, ops, bank_pixels, image_hw) -> images (modified in place, one launch)
 
 - images: Tensor[N, C, H, W] uint8 (0..255) or float32/float16/bfloat16 (0..1), any dense
   layout (NCHW-contiguous or channels-last); image n's valid region is its top-left
@@ -251,8 +251,8 @@ def _stored_sizes(ops: np.ndarray, bank_pixels: torch.Tensor, bank_hw, check: bo
     return src
 
 
-def paste_pixels_triton(images: torch.Tensor, image_hw: torch.Tensor, ops: torch.Tensor,
-                        bank_pixels: torch.Tensor, check: bool = True, bank_hw=None) -> torch.Tensor:
+def paste_pixels_triton(images: torch.Tensor, ops: torch.Tensor, bank_pixels: torch.Tensor, image_hw: torch.Tensor,
+                        bank_hw=None, check: bool = True) -> torch.Tensor:
     """Apply the op table to `images` in place (one kernel launch) and return them; see the module doc.
     bank_hw: the stored (h, w) of each slot's crop, int [S, 2] on the host (default: the whole cell).
 

@@ -133,3 +133,12 @@ def rank_pid(rank: int, marker: str) -> int:
                 and "torch.distributed.run" not in cmd:
             return int(pid)
     raise AssertionError(f"no process of rank {rank}")
+
+
+FAULT_SHIM = REPO / "tests" / "fault_shim"
+
+
+def fault_env(env: dict, **faults: str) -> dict:
+    """`env` for training processes with the test fault shim loaded (tests/fault_shim/sitecustomize.py):
+    faults such as ACRST_TEST_NAN="4:1" (step index 4 on rank 1)."""
+    return dict(env, PYTHONPATH=f"{FAULT_SHIM}{os.pathsep}{env.get('PYTHONPATH', '')}", **faults)

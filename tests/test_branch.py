@@ -12,7 +12,7 @@ import torch
 
 from acrst_fast.engine import checkpoint as ckpt
 from acrst_fast.engine.resume import rank_state_of
-from acrst_fast.models.detector import WeightsError, load_state_dict_file
+from acrst_fast.models.weights import WeightsError, load_state_dict_file
 from conftest import REPO, tiny_config_dict, write_config
 from test_train import ACRST_ON, KILL_SHIM, _assert_same_state, _final_state, _train_cmd
 

@@ -40,7 +40,7 @@ def test_dali_defers_the_photometric_ops_like_the_fallback(tiny_demo, device):
         for batch in (a, b):
             for w, st in zip(batch.weak, batch.strong):
                 assert torch.equal(w, st) and w.data_ptr() != st.data_ptr()
-        from acrst_fast.data.loader import apply_pending
+        from acrst_fast.data.batch import apply_pending
 
         moved = [(x - w).abs().mean() for x, w in zip(apply_pending(b.strong, b.pending), b.weak)]
         assert torch.stack(moved).mean() > 0.01  # the draws change the pixels when applied

@@ -7,7 +7,8 @@ import torch
 import torchvision
 
 from acrst_fast.config import ModelConfig
-from acrst_fast.models.detector import WeightsError, build_detector
+from acrst_fast.models.detector import build_detector
+from acrst_fast.models.weights import WeightsError
 
 SMALL = dict(fpn_channels=16, representation_size=32)
 

@@ -19,7 +19,7 @@ from acrst_fast.engine import checkpoint as ckpt
 from acrst_fast.engine.resume import rank_state_of
 from acrst_fast.engine.amp import float_outputs
 from acrst_fast.models.detector import build_detector
-from conftest import REPO, finish_group, rank_pid, start_group, tiny_config_dict, write_config
+from conftest import REPO, fault_env, finish_group, rank_pid, start_group, tiny_config_dict, write_config
 
 ACRST_ON = {"fbr": True, "selective_supervision": True, "n_range": [1, 4], "capacity_per_class": 8,
             "crop_size": 16, "pr_window": 5}
@@ -103,7 +103,7 @@ def test_nan_on_one_rank_stops_every_rank(tmp_path, tiny_demo, cpu_env):
     raw = tiny_config_dict(tiny_demo, tmp_path / "run", total_steps=10, pretrain_steps=10)
     cfg = write_config(tmp_path / "c.yaml", raw)
     # step index 4 (the 5th step) on rank 1 only
-    proc = start_group(_torchrun(cfg), cwd=REPO, env=dict(cpu_env, ACRST_INJECT_NAN="4:1"))
+    proc = start_group(_torchrun(cfg), cwd=REPO, env=fault_env(cpu_env, ACRST_TEST_NAN="4:1"))
     out, err = _finish(proc)
     assert proc.returncode != 0
     lines = [ln for ln in err.splitlines() if "training diverged" in ln]

@@ -166,7 +166,7 @@ def test_triton_paste_equals_reference(device, dtype, channels_last, aspect):
     images = base.clone().to(device)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    out = paste_pixels_triton(images, hw_t, ops.to(device), bank.to(device), bank_hw=bank_hw)
+    out = paste_pixels_triton(images, ops.to(device), bank.to(device), hw_t, bank_hw=bank_hw)
     assert out.data_ptr() == images.data_ptr()  # in place
     if device == "cpu":
         assert torch.equal(out, expect), f"seed {seed}: {(out.float() - expect.float()).abs().max()}"
@@ -182,9 +182,9 @@ def test_triton_paste_later_wins_and_empty_ops(device):
     bank = bank.to(device)
     images = torch.zeros(1, 3, 10, 10, dtype=torch.uint8, device=device)
     hw = torch.tensor([[10, 10]])
-    assert torch.equal(paste_pixels_triton(images, hw, torch.zeros((0, 7), dtype=torch.int64), bank), torch.zeros_like(images))
+    assert torch.equal(paste_pixels_triton(images, torch.zeros((0, 7), dtype=torch.int64), bank, hw), torch.zeros_like(images))
     ops = torch.tensor([[0, 0, 0, 0, 6, 6, 0], [0, 1, 3, 3, 6, 6, 1]])
-    out = paste_pixels_triton(images, hw, ops, bank)[0, 0].cpu()
+    out = paste_pixels_triton(images, ops, bank, hw)[0, 0].cpu()
     assert (out[3:9, 3:9] == 200).all() and (out[:3, :6] == 10).all() and (out[:3, 6:] == 0).all()
 
 
@@ -207,7 +207,7 @@ def test_triton_paste_checks_inputs(bad, match):
                 bank=torch.zeros(2, 3, 4, 4, dtype=torch.uint8), bank_hw=None)
     args.update(bad)
     with pytest.raises(ValueError, match=match):
-        paste_pixels_triton(args["images"], args["hw"], args["ops"], args["bank"], bank_hw=args["bank_hw"])
+        paste_pixels_triton(args["images"], args["ops"], args["bank"], args["hw"], bank_hw=args["bank_hw"])
 
 
 def test_paste_pixels_dispatch_on_lists():

@@ -1,6 +1,8 @@
 """The CropBank's checkpoint parts (engine/rank_state.py): the same world size reads back what was written;
 another world size re-splits or merges the Pseudo rings, every crop going to exactly one rank, the newest
 kept, oldest first in the new rings."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -128,3 +130,59 @@ def test_sources_cover_every_old_rank_once():
                 assert sorted(q for q, _ in shares) == list(range(len(shares)))
                 assert all(m == len(shares) for _, m in shares)
     assert np.all([len(rank_state.pseudo_sources(4, 2, r)) == 2 for r in range(2)])
+
+
+def _local_folder_worker(rank: int, port: int, root: str, out):
+    """Rank `rank` in its own working directory: "run/" is node-local, as on two machines' own disks."""
+    import os
+
+    import torch.distributed as td
+
+    from acrst_fast.engine import checkpoint as ckpt
+    from acrst_fast.engine.resume import read_rank_state
+
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    os.chdir(os.path.join(root, f"node{rank}"))
+    td.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        main = ckpt.read_everywhere("run/ckpt_00000005.pt")  # only node 0 has it
+        state = read_rank_state(Path("run"), 5, rank, 2, 2)
+        out[rank] = {"step": main["step"], "crops": _crops(state["acrst"]["bank"], PSEUDO),
+                     "labeled": _crops(state["acrst"]["bank"], LABELED)}
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        out[rank] = repr(exc)
+    finally:
+        td.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_resume_from_node_local_folders(tmp_path):
+    """Rank 0's folder holds the main file and the shared part, each node its own rank's part: every rank
+    reads the checkpoint (the main file and the shared part sent by rank 0) and its own Pseudo bank."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from acrst_fast.engine import checkpoint as ckpt
+
+    banks = [_bank(r, 0) for r in range(2)]
+    for r, b in enumerate(banks):
+        shared, own = rank_state.split(_state(b), 5, r, 2)
+        run = tmp_path / f"node{r}" / "run"
+        run.mkdir(parents=True)
+        ckpt.atomic_save(own, ckpt.rank_state_path(run, 5, r))
+        if r == 0:
+            ckpt.atomic_save(shared, rank_state.shared_path(run, 5))
+            ckpt.atomic_save({"step": 5, "world": 2}, ckpt.checkpoint_path(run, 5))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_local_folder_worker, args=(port, str(tmp_path), out), nprocs=2, join=True)
+        results = [out[r] for r in range(2)]
+    assert all(isinstance(r, dict) for r in results), results
+    for r, res in enumerate(results):
+        assert res["step"] == 5
+        assert res["crops"] == _crops(_state(banks[r])["acrst"]["bank"], PSEUDO)  # its own ring, exactly
+        assert res["labeled"] == _crops(_state(banks[0])["acrst"]["bank"], LABELED)  # rank 0's shared part

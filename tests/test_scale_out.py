@@ -19,7 +19,7 @@ from acrst_fast.config import ConfigError
 from acrst_fast.engine import checkpoint as ckpt
 from acrst_fast.engine.build import _per_rank, world_sizes
 from acrst_fast.engine.resume import rank_state_of
-from conftest import REPO, rank_pid, run_group, tiny_config_dict, write_config
+from conftest import REPO, fault_env, rank_pid, run_group, tiny_config_dict, write_config
 
 ACRST_ON = {"fbr": True, "selective_supervision": True, "n_range": [1, 4], "capacity_per_class": 8,
             "crop_size": 16, "pr_window": 5}
@@ -157,29 +157,14 @@ def test_two_nodes_sigterm_one_rank_then_resume(tmp_path, tiny_demo, cpu_env):
     assert ckpt.load(ckpt.latest_checkpoint(run))["world"] == 4
 
 
-SHIM = """
-import os
-if os.environ.get("ACRST_TEST_RAISE"):
-    step, rank = map(int, os.environ["ACRST_TEST_RAISE"].split(":"))
-    from acrst_fast.engine import mean_teacher
-    run_step = mean_teacher.MeanTeacher.run_step
-    def failing(self, s):
-        if s == step and int(os.environ.get("RANK", 0)) == rank:
-            raise RuntimeError("injected failure")
-        return run_step(self, s)
-    mean_teacher.MeanTeacher.run_step = failing
-"""
 
 
 @pytest.mark.slow
 def test_exception_on_one_rank_stops_the_other_node(tmp_path, tiny_demo, cpu_env):
     """Two nodes of one rank each: torchrun stops the failed rank's node only; the other rank stops on the
     announcement (or on the closed connection, naming the same failure) within a minute."""
-    shim = tmp_path / "shim"
-    shim.mkdir()
-    (shim / "sitecustomize.py").write_text(SHIM)
     cfg = _config(tmp_path, tiny_demo, "fail", total_steps=40, pretrain_steps=40)
-    env = dict(cpu_env, ACRST_TEST_RAISE="4:1", PYTHONPATH=f"{shim}{os.pathsep}{cpu_env.get('PYTHONPATH', '')}")
+    env = fault_env(cpu_env, ACRST_TEST_RAISE="4:1")
     port = _free_port()
     t0 = time.monotonic()
     nodes = [Launcher(_node(port, 1, cfg), tmp_path / f"node{n}", env) for n in range(2)]

@@ -167,3 +167,32 @@ def test_voc_custom_classes_without_imagesets(tmp_path, capsys):
     assert voc_main([str(tmp_path), "--year", "2007", "--classes", str(tmp_path / "classes.txt"),
                      "--out", str(tmp_path / "c3.json")]) == 2
     assert "unknown class 'RBC'" in capsys.readouterr().err
+
+
+BAD_RECORDS = [
+    ({"images": [{"file_name": "a.jpg"}]}, "images[0]: 'id' must be an integer, got None"),
+    ({"images": [{"id": 1, "file_name": "a.jpg"}, {"id": 1, "file_name": "b.jpg"}]}, "images[1]: duplicate image id 1"),
+    ({"images": ["a.jpg"]}, "images[0]: must be an object, got str"),
+    ({"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": [{"id": 7, "image_id": "1", "category_id": 1,
+                                                                  "bbox": [0, 0, 2, 2]}]},
+     "annotation id 7: 'image_id' must be an integer, got '1'"),
+    ({"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": [{"image_id": 2, "category_id": 1,
+                                                                  "bbox": [0, 0, 2, 2]}]},
+     "annotation id #0: image_id 2 is not in 'images'"),
+    ({"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": [[1, 2]]}, "annotations[0]: must be an object"),
+]
+
+
+@pytest.mark.parametrize("data, needle", BAD_RECORDS)
+@pytest.mark.parametrize("folds", ["generator", "published"])
+def test_split_tool_names_the_bad_record(tmp_path, capsys, data, needle, folds):
+    """`python -m acrst_fast.data.splits standard FILE` checks every field it reads, as the trainer's reader
+    does: one line naming the file and the record, exit code 2, nothing written."""
+    from acrst_fast.data.splits import main
+
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))
+    code = main(["standard", str(path), "--percent", "50", "--folds", folds, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith(f"error: {path}: {needle}"), err
+    assert "\n" not in err and not (tmp_path / "out").exists()

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from acrst_fast.config import load_config
-from acrst_fast.models.detector import WeightsError
+from acrst_fast.models.weights import WeightsError
 from acrst_fast.pseudo_labels import filter_pseudo_labels
 from acrst_fast.ssmll import focal_bce, focal_bce_ref, image_labels, load_classifier, negative_metrics
 from acrst_fast.ssmll.model import build_ssmll, preprocess, save_classifier
@@ -257,6 +258,8 @@ def test_detector_run_trains_its_ssmll_stage_first(tmp_path, tiny_demo, cpu_env)
     assert any("pseudo/stage1/num_pseudo" in r for r in records)  # the detector used the classifier
     state = ckpt.load(ckpt.latest_checkpoint(run))
     assert state["config"]["ssmll"]["checkpoint"] == str(run / "ssmll" / "ssmll_teacher.pt")
+    written = yaml.safe_load((run / "config.yaml").read_text())
+    assert written["ssmll"]["checkpoint"] == state["config"]["ssmll"]["checkpoint"]  # the folder's config agrees
     again = run_group(cmd + ["--resume", "solver.total_steps=5"], 600, env=cpu_env, cwd=REPO)
     assert again.returncode == 0 and "[ssmll] stage done" in again.stdout, again.stderr[-3000:]
     assert "neg accuracy" not in again.stdout  # not trained again

@@ -4,7 +4,7 @@ import torch
 
 from acrst_fast.config import load_config
 from acrst_fast.data.build import load_datasets
-from acrst_fast.data.loader import apply_pending
+from acrst_fast.data.batch import apply_pending
 from acrst_fast.dist import DistInfo
 from acrst_fast.engine.build import build_runner
 from conftest import tiny_config_dict, write_config

@@ -92,3 +92,21 @@ def test_no_function_over_60_lines():
                     if lines > 60:
                         long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({lines} lines)")
     assert not long, long
+
+
+BOTTOM = {"acrst_fast.modes", "acrst_fast.host", "acrst_fast.errors", "acrst_fast.streams", "acrst_fast.timing",
+          "acrst_fast.metric_names", "acrst_fast.peer_watch", "acrst_fast._ext"}
+BELOW_ENGINE = ("acrst_fast.config", "acrst_fast.data", "acrst_fast.models", "acrst_fast.augment", "acrst_fast.ssmll",
+                "acrst_fast.evaluation", "acrst_fast.pseudo_labels", "acrst_fast.dist", "acrst_fast.safe_io")
+
+
+def test_floors():
+    """The bottom floor imports nothing of the package; the config only the bottom floor (its mode lists live
+    in `modes.py`); nothing below the engine (data, models, augment, SSMLL, evaluation) imports it."""
+    graph = _graph()
+    for m in BOTTOM:
+        assert not graph[m] - {"acrst_fast"}, f"{m} imports {sorted(graph[m])}"
+    assert graph["acrst_fast.config"] - {"acrst_fast"} <= BOTTOM, sorted(graph["acrst_fast.config"])
+    upward = sorted((m, d) for m, deps in graph.items() if m.startswith(BELOW_ENGINE)
+                    for d in deps if d.startswith(("acrst_fast.engine", "acrst_fast.report")))
+    assert not upward, upward

@@ -254,7 +254,7 @@ def test_paste_during_pretrain_switch(tmp_path, tiny_demo):
 
 def test_match_counts_per_class():
     """Class-aware one-to-one matching at IoU 0.5, by decreasing score, counted per class."""
-    from acrst_fast.engine.mean_teacher import match_counts
+    from acrst_fast.evaluation.pseudo_quality import match_counts
 
     box = torch.tensor([[0.0, 0, 10, 10]])
     pseudo = [{"boxes": torch.cat([box, box, box + 50]), "labels": torch.tensor([1, 1, 3]),

@@ -53,7 +53,7 @@ class PseudoRecall:
         Collective when distributed: every rank must call it once per step. Returns this step's
         all-reduced per-class sums, Tensor[K].
         """
-        step_sum = dist.all_reduce_sum_tensor(self.local_sums(predictions))
+        step_sum = dist.all_reduce(self.local_sums(predictions))
         self.push(step_sum)
         return step_sum
 
@@ -76,9 +76,6 @@ class PseudoRecall:
     def value(self) -> torch.Tensor:
         """PR over the window, Tensor[K] float64 (on the window's device)."""
         return self.history.sum(0)
-
-    def probs(self, beta: float) -> torch.Tensor:
-        return sampling_probs(self.value(), beta)
 
     def state_dict(self) -> dict:
         return {"history": self.history.cpu().clone(), "steps": self.steps}

@@ -22,10 +22,11 @@ import torch
 from torchvision.ops import roi_align
 
 from acrst_fast.host import to_host, upload
+from acrst_fast.modes import BANK_SOURCES
 from acrst_fast.augment.pixels import stack_padded
 
 LABELED, PSEUDO = 0, 1
-SOURCES = {"labeled": LABELED, "pseudo": PSEUDO}
+SOURCES = {name: i for i, name in enumerate(BANK_SOURCES)}  # {"labeled": LABELED, "pseudo": PSEUDO}
 
 
 def stored_size(size_hw: np.ndarray, crop_size: int) -> np.ndarray:
@@ -67,10 +68,6 @@ class CropBank:
     def fill(self) -> torch.Tensor:
         """Tensor[2, K] int64: stored crops per (source, class)."""
         return torch.from_numpy(self._valid_host.reshape(2, self.num_classes, self.capacity).sum(-1))
-
-    def classes(self) -> torch.Tensor:
-        """Tensor[2 * K * capacity] int64: the class (1..K) each slot belongs to."""
-        return torch.from_numpy(self._class_of_slot).to(self.device)
 
     def add(self, source: int, images: list[torch.Tensor], boxes: list[torch.Tensor], labels: list[torch.Tensor],
             scores: list[torch.Tensor] | None = None, generator: torch.Generator | None = None,

@@ -48,7 +48,7 @@ def paste_pixels(images: list[torch.Tensor] | torch.Tensor, ops: torch.Tensor, b
 
     if isinstance(images, torch.Tensor):
         hw = image_hw if image_hw is not None else torch.tensor([images.shape[2:]] * len(images))
-        return paste_pixels_triton(images, hw, ops, bank_pixels, check=False, bank_hw=bank_hw)
+        return paste_pixels_triton(images, ops, bank_pixels, hw, bank_hw=bank_hw, check=False)
     batch, hw = stack_padded(images)
-    paste_pixels_triton(batch, hw, ops, bank_pixels, check=False, bank_hw=bank_hw)  # the planner's table: no checks
+    paste_pixels_triton(batch, ops, bank_pixels, hw, bank_hw=bank_hw, check=False)  # the planner's table: no checks
     return [batch[i, :, :im.shape[1], :im.shape[2]] for i, im in enumerate(images)]

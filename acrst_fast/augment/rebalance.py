@@ -125,7 +125,7 @@ class ACRST:
         counts = class_histogram(torch.cat(labels).to(self.bank.device), self.num_classes) if labels \
             else torch.zeros(self.num_classes, dtype=torch.float64, device=self.bank.device)
         # one collective a step: PR sums and pseudo-label counts together (on the device; gloo for CPU)
-        both = dist.all_reduce_sum_tensor(torch.cat([self.recall.local_sums(predictions), counts]))
+        both = dist.all_reduce(torch.cat([self.recall.local_sums(predictions), counts]))
         self.recall.push(both[:self.num_classes])
         self.pl_counts[step % len(self.pl_counts)] = both[self.num_classes:]  # global, like PR
         t0 = self._add_time("pr", t0)
@@ -137,12 +137,6 @@ class ACRST:
     def class_probs(self) -> torch.Tensor:
         """mu, Tensor[K] float64 on the device (Eq. 9)."""
         return sampling_probs(self.recall.value(), self.beta)
-
-    def plan(self, image_hw: list[tuple[int, int]], boxes: list[torch.Tensor], labels: list[torch.Tensor],
-             generator: torch.Generator) -> PastePlan:
-        slots, classes, size_hw = self.bank.entries_host(self.sources)
-        return plan_paste(image_hw, boxes, labels, slots, classes, size_hw, self.class_probs(), self.paste_cfg,
-                          generator)
 
     def rebalance(self, images: list[torch.Tensor], boxes: list[torch.Tensor], labels: list[torch.Tensor],
                   generator: torch.Generator):

@@ -188,6 +188,22 @@ def load_coco_records(
             for image_id in sorted(images)], categories
 
 
+def check_fields(json_path: str | Path, data: dict) -> None:
+    """The fields the split tools read, checked as `load_coco_records` checks them: every image (an object
+    with an integer `id`, no duplicate, a `file_name`) and every annotation (an object with integer
+    `image_id` and `category_id`, a bbox, `iscrowd` 0 or 1, an `image_id` among the images). A DataError
+    naming the file, the record and the problem."""
+    json_path = Path(json_path)
+    images = _read_images(json_path, data)
+    for i, ann in enumerate(data.get("annotations", [])):
+        if not isinstance(ann, dict):
+            raise DataError(f"{json_path}: annotations[{i}]: must be an object, got {type(ann).__name__}")
+        where = f"{json_path}: annotation id {ann.get('id', f'#{i}')}"
+        _check_annotation(where, ann)
+        if ann["image_id"] not in images:
+            raise DataError(f"{where}: image_id {ann['image_id']!r} is not in 'images'")
+
+
 def _read_images(json_path: Path, data: dict) -> dict[int, dict]:
     """The json's images by id, each checked (`_check_image`); a duplicate id is a DataError."""
     images: dict[int, dict] = {}

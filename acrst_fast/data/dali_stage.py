@@ -30,9 +30,10 @@ import torch
 
 from acrst_fast.config import AugmentConfig
 from acrst_fast.data.coco import DataError, ImageRecord, decode_image
-from acrst_fast.data.loader import (STREAM_LABELED, STREAM_UNLABELED, STREAM_VAL, BadImagePolicy, Batch,
-                                     ShardedStreamSampler)
+from acrst_fast.data.batch import Batch
+from acrst_fast.data.loader import STREAM_LABELED, STREAM_UNLABELED, STREAM_VAL, BadImagePolicy, ShardedStreamSampler
 from acrst_fast.data.transforms import StrongParams, apply_geometry_to_boxes, sample_geometry, sample_strong
+from acrst_fast.streams import dali_seed
 
 NO_BLUR_SIGMA = 0.01  # a 3-tap kernel of weights (0, 1, 0) in float: the identity
 
@@ -166,7 +167,7 @@ class DaliStream:
         self.defer = "strong" in views and aug.photometric_after_paste
         pipe_views = ("weak",) if self.defer else views
         # each iterator gets its own runner (pipeline): iterators run ahead in threads of their own
-        self._runner_args = (batch, device_id, seed * 1000 + stream * 10 + rank, threads, pipe_views, policy)
+        self._runner_args = (batch, device_id, dali_seed(seed, stream, rank), threads, pipe_views, policy)
 
     def _item(self, index: int, seed: int) -> dict:
         rec = self.records[index]

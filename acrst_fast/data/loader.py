@@ -1,6 +1,6 @@
-"""The data stage: what the trainer consumes, and the plain-torch implementation of it.
+"""The plain-torch data stage.
 
-The trainer sees only `DataStage` (three iterators of typed batches). This module's
+The trainer sees only `DataStage` (three iterators of typed batches: `data/batch.py`). This module's
 `TorchDataStage` builds them from torch DataLoaders; `data/dali_stage.py`'s `DaliDataStage`
 builds the same batches with NVIDIA DALI pipelines.
 
@@ -11,125 +11,24 @@ the checkpoint was written.
 """
 from __future__ import annotations
 
-import atexit
 import logging
-import multiprocessing
-import os
-import signal
-import dataclasses
-from dataclasses import dataclass, field
-from typing import Iterator, Protocol
+from typing import Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from acrst_fast.host import mark_host, upload
+from acrst_fast.host import mark_host
 from acrst_fast.config import AugmentConfig
+from acrst_fast.data.batch import Batch
 from acrst_fast.data.coco import DataError, ImageRecord, decode_image
-from acrst_fast.data.photometric_batch import apply_strong_batch
-from acrst_fast.streams import Stream, sample_seed  # noqa: F401 - sample_seed: also the loader's API
+from acrst_fast.data.workers import ignore_stop_signals
+from acrst_fast.streams import Stream, epoch_position, loader_position, sample_seed  # noqa: F401 - sample_seed: also the loader's API
 from acrst_fast.data.transforms import (
-    Geometry, StrongParams, apply_geometry_to_boxes, apply_geometry_to_image, apply_strong, sample_geometry,
-    sample_strong,
+    apply_geometry_to_boxes, apply_geometry_to_image, apply_strong, sample_geometry, sample_strong,
 )
-
-# Set in the main process when it exits (atexit runs this before multiprocessing terminates its
-# workers); forked DataLoader workers share it.
-_MAIN_EXITING = multiprocessing.get_context("fork").Event()
-atexit.register(_MAIN_EXITING.set)
-
-
-def _worker_stop_signal(signum, frame) -> None:
-    if _MAIN_EXITING.is_set() or os.getppid() == 1:  # the main process is leaving (or gone): leave too
-        os._exit(0)
-
-
-def ignore_stop_signals(_worker_id: int = 0) -> None:
-    """DataLoader worker init: survive SIGTERM and SIGINT while the main process runs.
-
-    A scheduler's cancel (`kill -- -PGID`) or Ctrl-C signals the whole process group. The workers
-    then live on while the main process finishes its step and writes the stop checkpoint; when it
-    exits, they leave with it (its own shutdown, or the SIGTERM multiprocessing sends at exit)."""
-    signal.signal(signal.SIGTERM, _worker_stop_signal)
-    signal.signal(signal.SIGINT, _worker_stop_signal)
-
 
 log = logging.getLogger(__name__)
 STREAM_LABELED, STREAM_UNLABELED, STREAM_VAL = Stream.LABELED, Stream.UNLABELED, Stream.VAL
-
-
-@dataclass
-class Batch:
-    """A batch of images as the detector consumes them (lists: sizes differ per image).
-
-    weak / strong: list of Tensor[3, H, W] float in [0, 1] (a view is [] when not produced);
-    boxes: list of Tensor[N_i, 4] (x1, y1, x2, y2), view pixels; labels: list of Tensor[N_i] int64 1..K.
-    In unlabeled batches boxes/labels are the hidden ground truth (empty where the data has none):
-    for pseudo-label quality metrics only, never training targets.
-    geometry: how each view was made from its original image (to map boxes back for evaluation).
-    """
-
-    image_ids: list[int]
-    weak: list[torch.Tensor]
-    strong: list[torch.Tensor]
-    boxes: list[torch.Tensor]
-    labels: list[torch.Tensor]
-    geometry: list[Geometry]
-    orig_hw: list[tuple[int, int]] = field(default_factory=list)
-    # device views (TorchDataStage(view_device=...)): each image decoded, uint8 Tensor[3, H, W], and its
-    # strong-view draws; `finish_views` makes weak/strong from them on the device
-    raw: list[torch.Tensor] = field(default_factory=list)
-    strong_params: list[StrongParams | None] = field(default_factory=list)
-    views: tuple[str, ...] = ()
-    # augment.photometric_after_paste: `strong` holds geometry-only views (copies of the weak pixels) and
-    # these are their photometric draws, applied by the trainer after the crop-paste (`apply_pending`)
-    pending: list[StrongParams] = field(default_factory=list)
-    defer_photometric: bool = False  # with `raw`: finish_views leaves the photometric ops pending
-
-    def __len__(self) -> int:
-        return len(self.image_ids)
-
-    def targets(self, device: torch.device | str = "cpu") -> list[dict[str, torch.Tensor]]:
-        return [{"boxes": upload(b, device), "labels": upload(lab, device)} for b, lab in zip(self.boxes, self.labels)]
-
-    def pin_memory(self) -> "Batch":
-        """The views in page-locked memory (DataLoader(pin_memory=True)), so copies to the GPU are async."""
-        return dataclasses.replace(self, weak=[t.pin_memory() for t in self.weak],
-                                   strong=[t.pin_memory() for t in self.strong], raw=[t.pin_memory() for t in self.raw])
-
-    def finish_views(self, device: torch.device) -> "Batch":
-        """Weak and strong views made on `device` from the uint8 images (the same ops and draws as the
-        workers' path: `apply_geometry_to_image`, then `apply_strong`); views already made are moved."""
-        if not self.raw:
-            return dataclasses.replace(self, weak=[t.to(device, non_blocking=True) for t in self.weak],
-                                       strong=[t.to(device, non_blocking=True) for t in self.strong])
-        weak, strong, pending = [], [], []
-        for image, geom, params in zip(self.raw, self.geometry, self.strong_params):
-            w = apply_geometry_to_image(image.to(device, non_blocking=True).float().div_(255.0), geom)
-            if "strong" in self.views and self.defer_photometric:
-                strong.append(w.clone())
-                pending.append(params)
-            elif "strong" in self.views:
-                strong.append(apply_strong(w, params))
-            if "weak" in self.views:
-                weak.append(w)
-        return dataclasses.replace(self, weak=weak, strong=strong, raw=[], strong_params=[], pending=pending)
-
-
-def apply_pending(images: list[torch.Tensor], pending: list[StrongParams], batched: bool = False) -> list[torch.Tensor]:
-    """The strong views' photometric ops (`apply_strong`: colour jitter, grayscale, blur, CutOut), on the
-    images' device, after the crop-paste: `images` (list of Tensor[3, H, W] in [0, 1]) are the pasted
-    geometry-only strong views of a batch whose `pending` draws they are. New tensors; `images` as they
-    are when nothing is pending (augment.photometric_after_paste false: applied in the data stage).
-    batched: over one padded batch (`photometric_batch`; augment.batched_photometric), else image by image
-    (the reference)."""
-    if not pending:
-        return images
-    if len(pending) != len(images):
-        raise ValueError(f"{len(images)} images but {len(pending)} pending photometric draws")
-    if batched:
-        return apply_strong_batch(images, pending)
-    return [apply_strong(im, p) for im, p in zip(images, pending)]
 
 
 def to_device_ahead(batches: Iterator[Batch], device: torch.device) -> Iterator[Batch]:
@@ -162,12 +61,6 @@ def to_device_ahead(batches: Iterator[Batch], device: torch.device) -> Iterator[
         yield batch
 
 
-class DataStage(Protocol):
-    def labeled(self, start_step: int) -> Iterator[Batch]: ...  # strong (+ weak if asked) view + ground truth
-    def unlabeled(self, start_step: int) -> Iterator[Batch]: ...  # weak + strong views; boxes: hidden GT only
-    def val(self) -> Iterator[Batch]: ...  # weak view at test scale; this rank's shard only
-
-
 class ShardedStreamSampler(Sampler):
     """Yields (dataset index, sample seed) for rank `rank` of `world`, from this rank's position `start`.
 
@@ -185,7 +78,7 @@ class ShardedStreamSampler(Sampler):
 
     def _perm_for(self, epoch: int) -> list[int]:
         if epoch != self._perm_epoch:
-            gen = torch.Generator().manual_seed(sample_seed(self.seed, self.stream, -1 - epoch))
+            gen = torch.Generator().manual_seed(sample_seed(self.seed, self.stream, epoch_position(epoch)))
             perm = mark_host(torch.randperm(self.size, generator=gen))  # host draws
             self._perm, self._perm_epoch = perm.tolist(), epoch
         return self._perm
@@ -329,7 +222,7 @@ class TorchDataStage:
                                        start=start_step * self.batch[stream], infinite=infinite)
         # Its own generator: creating a loader iterator must not draw from the global RNG, or a resumed run
         # (which opens its streams at a different moment) would see different RPN/RoI sampling.
-        base = torch.Generator().manual_seed(sample_seed(self.seed, stream, -(10**6) - start_step))
+        base = torch.Generator().manual_seed(sample_seed(self.seed, stream, loader_position(start_step)))
         loader = DataLoader(ds, batch_size=self.batch[stream], sampler=sampler, collate_fn=collate,
                             num_workers=self.num_workers, prefetch_factor=2 if self.num_workers > 0 else None,
                             pin_memory=self.pin_memory,

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from acrst_fast.data.coco import IMAGE_SUFFIXES, DataError, read_json
+from acrst_fast.data.coco import IMAGE_SUFFIXES, DataError, check_fields, read_json
 from acrst_fast.errors import cli_main
 from acrst_fast.safe_io import atomic_write_text, new_output_file
 
@@ -117,6 +117,7 @@ def write_standard_split(json_path: str | Path, percent: float, fold: int, out_d
     if lab_path.is_file() and unl_path.is_file():
         return lab_path, unl_path
     data = read_json(json_path)
+    check_fields(json_path, data)  # every field read below, named by record when it is wrong
     if not data["images"]:
         raise DataError(f"{json_path}: no images to split")
     if folds == "generator":

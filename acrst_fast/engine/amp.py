@@ -11,7 +11,7 @@ from contextlib import nullcontext
 
 import torch
 
-AMP_MODES = ("auto", "off", "bf16", "fp16")
+from acrst_fast.modes import AMP_MODES  # the list the config checks solver.amp against
 
 
 def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:

@@ -17,11 +17,12 @@ from acrst_fast.data.dali_stage import DaliDataStage
 from acrst_fast.data.loader import TorchDataStage
 from acrst_fast.engine.mean_teacher import MeanTeacher, StudentLosses
 from acrst_fast.engine.ssmll_runner import SSMLLRunner, class_weights
-from acrst_fast.models.detector import backbone_file, build_detector
+from acrst_fast.models.detector import build_detector
+from acrst_fast.models.weights import backbone_file
 from acrst_fast.ssmll.data import SquareViews, dali_step_batches, eval_loader, step_loader
 from acrst_fast.ssmll.metrics import image_labels
 from acrst_fast.ssmll.model import load_classifier
-from acrst_fast.streams import Stream
+from acrst_fast.streams import Stream, rank_global_seed
 
 
 def fetch_pretrained(cfg: Config, ssmll: bool = False) -> None:
@@ -105,7 +106,7 @@ def build_runner(cfg: Config, datasets, info, source: str,
         classifier, classifier_size = load_classifier(cfg.ssmll.checkpoint, datasets.categories.names, info.device)
     # per-rank streams for the RoI/RPN samplers, seeded after everything built draws (the classifier's
     # init): every ablation row, with or without a classifier, trains its burn-in on the same draws
-    torch.manual_seed(cfg.run.seed + 1000 * info.rank)
+    torch.manual_seed(rank_global_seed(cfg.run.seed, info.rank))
     shard = math.ceil(len(datasets.labeled) / info.world)
     runner = MeanTeacher(cfg, student, losses, optimizer, stage, info.device, acrst=acrst,
                          labeled_bank_steps=math.ceil(shard / batch_labeled),

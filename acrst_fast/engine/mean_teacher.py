@@ -19,11 +19,9 @@ run after the paste (`augment.photometric_after_paste`), so pasted instances get
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field, replace
 from typing import Iterator
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -31,12 +29,12 @@ from acrst_fast import metric_names as M
 from acrst_fast.augment import ACRST, class_histogram
 from acrst_fast.host import mark_host
 from acrst_fast.config import Config
-from acrst_fast.data.loader import Batch, DataStage, apply_pending
+from acrst_fast.data.batch import Batch, DataStage, apply_pending
 from acrst_fast.engine.amp import Precision, float_outputs
 from acrst_fast.engine.ema import EmaTeacher
 from acrst_fast.engine.outputs import PHASE_PRETRAIN, Deferred, StepOutput
 from acrst_fast.engine.runner import StudentTeacherRunner
-from acrst_fast.ops import box_iou_ref
+from acrst_fast.evaluation.pseudo_quality import match_counts
 from acrst_fast.pseudo_labels import filter_pseudo_labels
 from acrst_fast.ssmll.metrics import image_labels, negative_metrics
 from acrst_fast.ssmll.model import preprocess
@@ -128,32 +126,6 @@ class StudentLosses(nn.Module):
             heads.focal_gamma, rpn.group_split, heads.group_split = 0.0, None, None
 
 
-def match_counts(pseudo: list[dict[str, torch.Tensor]], gt_boxes: list[torch.Tensor], gt_labels: list[torch.Tensor],
-                 num_classes: int, iou: float = 0.5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per class k = 1..K (index k - 1): (true positives, pseudo-labels, ground truths), int64[K] each.
-    One-to-one, class-aware matching at IoU >= `iou`, pseudo-labels taken by decreasing score.
-    Precision_k = tp_k / pseudo-labels_k, recall_k = tp_k / ground truths_k."""
-    labels = [int(x) for p in pseudo for x in p["labels"].tolist()] + [int(x) for g in gt_labels for x in g.tolist()]
-    k = max([num_classes, *labels])  # a label beyond num_classes widens the counts rather than failing
-    tp, n_pl, n_gt = (np.zeros(k, dtype=np.int64) for _ in range(3))
-    for p, gb, gl in zip(pseudo, gt_boxes, gt_labels):
-        gb, gl = gb.to(p["boxes"].device), gl.to(p["boxes"].device)
-        np.add.at(n_pl, p["labels"].cpu().numpy().astype(np.int64) - 1, 1)
-        np.add.at(n_gt, gl.cpu().numpy().astype(np.int64) - 1, 1)
-        if len(p["boxes"]) == 0 or len(gb) == 0:
-            continue
-        ious = box_iou_ref(p["boxes"].float(), gb.float())
-        ious[p["labels"][:, None] != gl[None, :]] = 0.0
-        used = torch.zeros(len(gb), dtype=torch.bool, device=gb.device)
-        for i in torch.argsort(p["scores"], descending=True).tolist():
-            cand = ious[i].masked_fill(used, 0.0)
-            j = int(torch.argmax(cand))
-            if cand[j] >= iou:
-                used[j] = True
-                tp[int(p["labels"][i]) - 1] += 1
-    return tp, n_pl, n_gt
-
-
 class MeanTeacher(StudentTeacherRunner):
     """Holds student, teacher, optimizer and data streams; `run_step(step)` does one step.
 
@@ -192,8 +164,6 @@ class MeanTeacher(StudentTeacherRunner):
         self._params = [p for p in student.parameters() if p.requires_grad]
         self.sync_timing = False  # benchmarks: synchronise the GPU at each timing boundary
         self.last_pseudo_count = 0
-        inject = os.environ.get("ACRST_INJECT_NAN", "")  # "STEP:RANK": this rank's loss at STEP becomes NaN
-        self._inject_nan_at = int(inject.split(":")[0]) if inject and int(inject.split(":")[1]) == rank else -1
 
     def start(self, step: int) -> None:
         """Open the data streams at the positions of `step` (0 for a new run, the checkpoint's on resume)."""
@@ -283,8 +253,6 @@ class MeanTeacher(StudentTeacherRunner):
         total = sum(sup[k] for k in SUP_LOSS_TERMS)
         if unsup:
             total = total + self.cfg.mean_teacher.lambda_unsup * sum(unsup[k] for k in unsup_terms)
-        if self._inject_nan_at == step:  # fault injection for the tests (ACRST_INJECT_NAN=STEP:RANK)
-            total = total * float("nan")
         return Losses({k: sup[k].detach() for k in SUP_LOSS_TERMS},
                       {k: unsup[k].detach() for k in unsup_terms} if unsup else {}, total)
 

@@ -18,7 +18,7 @@ from acrst_fast import dist
 from acrst_fast.engine import checkpoint as ckpt
 from acrst_fast.engine import rank_state
 from acrst_fast.engine.trainer import Trainer
-from acrst_fast.models.detector import in_burn_in
+from acrst_fast.models.weights import in_burn_in
 from acrst_fast.streams import Stream, sample_seed
 
 

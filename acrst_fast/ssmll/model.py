@@ -23,8 +23,9 @@ from torch import nn
 from torchvision.models import mobilenet_v2, resnet18, resnet50
 
 from acrst_fast.host import upload
+from acrst_fast.safe_io import atomic_write
 from acrst_fast.config import SSMLLConfig
-from acrst_fast.models.detector import WeightsError, backbone_file, load_matching, load_state_dict_file
+from acrst_fast.models.weights import WeightsError, backbone_file, load_matching, load_state_dict_file
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -108,10 +109,9 @@ def build_ssmll(cfg: SSMLLConfig, num_classes: int) -> SSMLLNet:
 
 def save_classifier(path: Path, model: nn.Module, cfg: SSMLLConfig, class_names: tuple[str, ...]) -> None:
     """The file the detector's two-stage filter reads: weights plus what rebuilds the network."""
-    from acrst_fast.engine.checkpoint import atomic_save
-
-    atomic_save({"kind": "ssmll_classifier", "state": model.state_dict(), "ssmll": dataclasses.asdict(cfg),
-                 "class_names": list(class_names)}, path)
+    state = {"kind": "ssmll_classifier", "state": model.state_dict(), "ssmll": dataclasses.asdict(cfg),
+             "class_names": list(class_names)}
+    atomic_write(path, lambda f: torch.save(state, f))  # what engine.checkpoint.atomic_save does
 
 
 def load_classifier(path: str | Path, class_names: tuple[str, ...],
