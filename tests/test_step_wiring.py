@@ -37,20 +37,25 @@ class Spy(torch.nn.Module):
         return self.inner(*args)
 
 
+def _observed(runner) -> dict[str, list]:
+    """What the runner hands its observers, by stage (`MeanTeacher.observers`), as lists in step order."""
+    seen: dict[str, list] = {}
+    runner.observers.append(lambda stage, step, value: seen.setdefault(stage, []).append(value))
+    return seen
+
+
 def test_teacher_sees_weak_views_and_student_strong_views(tmp_path, tiny_demo):
     runner = _runner(tmp_path, tiny_demo, acrst=None)
-    batches = []
-    take = runner._batches
-    runner._batches = lambda step: batches.append(take(step)) or batches[-1]
+    seen = _observed(runner)
     runner.start(0)
     runner.run_step(0)  # pre-training
     runner.run_step(1)  # mutual learning: the teacher is copied from the student, then predicts
-    teacher, student = Spy(runner.ema.module), Spy(runner.student_losses)
-    runner.ema.module, runner.student_losses = teacher, student
+    teacher = Spy(runner.ema.module)
+    runner.ema.module = teacher
     runner.run_step(2)
-    _, unl = batches[-1]
+    _, unl = seen["batches"][-1]
     (seen_by_teacher,), = teacher.calls
-    _, _, unl_images, _ = student.calls[0]
+    unl_images = seen["student_inputs"][-1].unl_images
     strong = apply_pending(unl.strong, unl.pending)  # the strong photometric ops run in the step
     assert any(not torch.equal(w, s) for w, s in zip(unl.weak, strong))  # the views differ
     assert all(torch.equal(a, b) for a, b in zip(seen_by_teacher, unl.weak))
@@ -63,20 +68,12 @@ def _pasted_then_seen(tmp_path, tiny_demo, after_paste: bool):
                                                                    "cutout": [], "blur_prob": 0.0})
     runner.start(0)
     runner.run_step(0)
-    pasted, batches = [], []
-    rebalance, take = runner.rebalance, runner._batches
-    runner._batches = lambda step: batches.append(take(step)) or batches[-1]
-
-    def spy_rebalance(*args, **kwargs):
-        out = rebalance(*args, **kwargs)
-        pasted.append([im.clone() for im in out.unl_images])
-        return out
-
-    runner.rebalance = spy_rebalance
-    student = Spy(runner.student_losses)
-    runner.student_losses = student
+    pasted = []
+    seen = _observed(runner)
+    runner.observers.append(lambda stage, step, v: stage == "rebalanced" and pasted.append([im.clone() for im in
+                                                                                          v.unl_images]))
     runner.run_step(1)
-    return pasted[-1], student.calls[0][2], batches[-1][1]
+    return pasted[-1], seen["student_inputs"][-1].unl_images, seen["batches"][-1][1]
 
 
 def test_pasted_pixels_receive_the_photometric_ops(tmp_path, tiny_demo):
@@ -96,12 +93,11 @@ def test_selective_supervision_weights_reach_the_losses(tmp_path, tiny_demo):
     runner = _runner(tmp_path, tiny_demo, acrst=ACRST_SS)
     runner.start(0)
     runner.run_step(0)  # the Labeled bank fills
-    pseudo = []
-    label = runner.pseudo_labels
-    runner.pseudo_labels = lambda step, unl: pseudo.append(label(step, unl)) or pseudo[-1]
-    student = Spy(runner.student_losses)
+    seen = _observed(runner)
+    student = Spy(runner.student_losses)  # what the loss module itself is called with
     runner.student_losses = student
     out = runner.run_step(1)
+    pseudo = seen["pseudo_labels"]
     _, lab_targets, _, unl_targets = student.calls[0]
     assert all("reg_weight" not in t for t in lab_targets)  # labeled boxes: full supervision
     pasted = 0
@@ -148,12 +144,11 @@ def test_batched_photometric_step_equals_per_image_step(tmp_path, tiny_demo):
         runner = _runner(tmp_path / mode, tiny_demo, acrst=ACRST_SS,
                          augment={"batched_photometric": mode, "blur_prob": 1.0, "grayscale_prob": 0.5})
         runner.pretrain_steps = 0  # the first step is mutual: nothing before it differs between the two runs
-        student = Spy(runner.student_losses)
-        runner.student_losses = student
+        observed = _observed(runner)
         runner.start(0)
         runner.run_step(0)
-        lab_images, _, unl_images, _ = student.calls[0]
-        seen[mode] = list(lab_images) + list(unl_images)
+        inputs = observed["student_inputs"][0]
+        seen[mode] = list(inputs.lab_images) + list(inputs.unl_images)
     assert len(seen["batch"]) == len(seen["per_image"]) > 2
     for a, b in zip(seen["batch"], seen["per_image"]):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=0)

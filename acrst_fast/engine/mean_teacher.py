@@ -164,6 +164,7 @@ class MeanTeacher(StudentTeacherRunner):
         self._params = [p for p in student.parameters() if p.requires_grad]
         self.sync_timing = False  # benchmarks: synchronise the GPU at each timing boundary
         self.last_pseudo_count = 0
+        self.observers: list = []  # fn(stage, step, value), called inside run_step (`_observe`)
 
     def start(self, step: int) -> None:
         """Open the data streams at the positions of `step` (0 for a new run, the checkpoint's on resume)."""
@@ -183,23 +184,35 @@ class MeanTeacher(StudentTeacherRunner):
         device a fixed number of times, whatever the batch size or the number of pseudo-labels."""
         clock = StepClock(self.device, self.sync_timing)
         lab, unl = self._batches(step)
+        self._observe("batches", step, (lab, unl))
         clock.mark("data")
         inputs = StudentInputs(self._to(lab.strong), lab.targets(self.device))
         pseudo = None
         if unl is not None:
             pseudo = self.pseudo_labels(step, unl)
+            self._observe("pseudo_labels", step, pseudo)
             inputs = replace(inputs, unl_images=self._to(unl.strong), unl_targets=pseudo.targets())
         clock.mark("teacher")
         if self.acrst is not None:
             inputs = self.rebalance(step, lab, inputs,
                                     paste=unl is not None or self.cfg.acrst.paste_during_pretrain)
+            self._observe("rebalanced", step, inputs)
         clock.mark("acrst")
         inputs = self.photometric(inputs, lab, unl)
+        self._observe("student_inputs", step, inputs)
         clock.mark("photometric")
         losses = self.losses(step, inputs)
         self.optimise(losses.total)
         clock.mark("student")
         return self._output(step, len(lab), inputs, pseudo, losses, clock.seconds)
+
+    def _observe(self, stage: str, step: int, value) -> None:
+        """Hand `value` to every observer (`self.observers`: fn(stage, step, value)), read-only: "batches"
+        ((labeled Batch, unlabeled Batch or None)), "pseudo_labels" (`PseudoLabels`), "rebalanced" (the
+        `StudentInputs` right after ACRST's paste), "student_inputs" (what the student's forward gets). For
+        tests and diagnostics; nothing is observed when the list is empty."""
+        for fn in self.observers:
+            fn(stage, step, value)
 
     def _batches(self, step: int) -> tuple[Batch, Batch | None]:
         """This step's labeled batch and, in mutual learning, its unlabeled batch."""
