@@ -26,10 +26,9 @@ from acrst_fast.config import (
     Config, ConfigError, check_paths, config_argparser, config_to_dict, dump_config, load_config,
 )
 from acrst_fast.data.build import load_datasets, prepare_data, resolved_data
-from acrst_fast.data.check import drop_bad_images, find_header_problems
 from acrst_fast.data.coco import DataError
 from acrst_fast.engine import checkpoint as ckpt
-from acrst_fast.engine.build import build_runner, class_counts, fetch_pretrained
+from acrst_fast.engine.build import build_runner, checked_images, class_counts, fetch_pretrained
 from acrst_fast.engine.divergence import DivergenceGuard
 from acrst_fast.engine.hooks import (
     CheckpointHook, DiagnosticsHook, EMAHook, EvalHook, LoggingHook, LRScheduleHook, MetricsWriter, lr_at,
@@ -133,12 +132,7 @@ def _load_data(cfg: Config, source: str):
     (on rank 0, the verdict shared), so a bad file stops the run, or is dropped with `skip`, now."""
     data_cfg = resolved_data(cfg.data)
     check_paths(dataclasses.replace(cfg, data=data_cfg), source)
-    datasets = load_datasets(data_cfg)
-    problems = on_main(lambda: find_header_problems(datasets, cfg.data.bad_images, max(4, cfg.data.num_workers * 2)))
-    datasets, dropped = drop_bad_images(datasets, problems)
-    if dropped and dist.rank() == 0:
-        print(f"[data] data.bad_images=skip: {len(dropped)} images dropped before training; first: {dropped[0]}",
-              file=sys.stderr, flush=True)
+    datasets = checked_images(cfg, load_datasets(data_cfg))
     if not datasets.labeled:
         raise DataError(f"{data_cfg.train_json}: no labeled images")
     if not datasets.val:

@@ -84,3 +84,14 @@ def test_data_check_passes_clean_data(tmp_path, tiny_demo, cpu_env):
     cfg = write_config(tmp_path / "c.yaml", tiny_config_dict(tiny_demo, tmp_path / "run"))
     proc = _cli("acrst_fast.data.check", str(cfg), env=cpu_env)
     assert proc.returncode == 0 and "0 with problems" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_bad_images_stop_the_ssmll_stage_before_training(tmp_path, tiny_demo, cpu_env):
+    """The SSMLL stage checks every image header at start-up as the detector does: one line, no step trained."""
+    bad = _break_images(tiny_demo, tmp_path / "broken")
+    raw = tiny_config_dict(tmp_path / "broken", tmp_path / "run")
+    raw["ssmll"] = {"backbone": "resnet18", "input_size": 64, "dim": 16, "layers": 1, "heads": 2, "total_steps": 4,
+                    "pretrain_steps": 2, "batch_labeled": 2, "batch_unlabeled": 2, "eval_period": 0}
+    proc = _cli("acrst_fast.train_ssmll", str(write_config(tmp_path / "c.yaml", raw)), env=cpu_env)
+    _assert_one_line_error(proc, bad[0], "python -m acrst_fast.data.check")
+    assert not list((tmp_path / "run").rglob("ckpt_*.pt"))

@@ -6,6 +6,7 @@ files.
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -38,6 +39,21 @@ def world_sizes(*batches: int) -> list[int]:
     """The numbers of processes that divide every global batch in `batches` (each rank takes an equal share)."""
     g = math.gcd(*batches)
     return [w for w in range(1, g + 1) if g % w == 0]
+
+
+def checked_images(cfg: Config, datasets):
+    """`datasets` after every image header was checked (on rank 0, the verdict sent to every rank): a bad file
+    stops the run now (`data.bad_images: fail`, one line naming it), or is dropped up front with `skip` (said
+    once). Collective. Both stages call it before their first step."""
+    from acrst_fast.data.check import drop_bad_images, find_header_problems
+    from acrst_fast.engine.launch import on_main
+
+    problems = on_main(lambda: find_header_problems(datasets, cfg.data.bad_images, max(4, cfg.data.num_workers * 2)))
+    datasets, dropped = drop_bad_images(datasets, problems)
+    if dropped and dist.rank() == 0:
+        print(f"[data] data.bad_images=skip: {len(dropped)} images dropped before training; first: {dropped[0]}",
+              file=sys.stderr, flush=True)
+    return datasets
 
 
 def _per_rank(total: int, world: int, key: str, source: str, *others: int) -> int:

@@ -14,7 +14,7 @@ from acrst_fast.config import Config, ConfigError, check_paths, config_to_dict
 from acrst_fast.data.build import load_datasets, prepare_data, resolved_data
 from acrst_fast.data.coco import DataError
 from acrst_fast.engine import checkpoint as ckpt
-from acrst_fast.engine.build import build_ssmll_runner, fetch_pretrained
+from acrst_fast.engine.build import build_ssmll_runner, checked_images, fetch_pretrained
 from acrst_fast.engine.divergence import DivergenceGuard
 from acrst_fast.engine.hooks import CheckpointHook, EMAHook, EvalHook, LoggingHook, LRScheduleHook, MetricsWriter
 from acrst_fast.engine.resume import restore
@@ -66,7 +66,7 @@ def _prepare(cfg: Config, source: str, resume: bool) -> Path:
 def _datasets(cfg: Config, source: str):
     data_cfg = resolved_data(cfg.data)
     check_paths(dataclasses.replace(cfg, data=data_cfg), source)
-    datasets = load_datasets(data_cfg)
+    datasets = checked_images(cfg, load_datasets(data_cfg))  # as the detector's start-up does
     if not datasets.labeled:
         raise DataError(f"{data_cfg.train_json}: no labeled images")
     if cfg.ssmll.total_steps > cfg.ssmll.pretrain_steps and not datasets.unlabeled:
