@@ -41,7 +41,8 @@ def on_main(fn):
 def say_then_leave_together(message: str) -> None:
     """Every rank prints its line, then waits for the others: under torchrun the first rank to exit
     makes the launcher terminate the rest, so no rank may leave before every rank has spoken."""
-    print(message, file=sys.stderr, flush=True)
+    sys.stderr.write(message + "\n")  # one write: the ranks share torchrun's stderr, print() writes twice
+    sys.stderr.flush()
     dist.barrier()
 
 
